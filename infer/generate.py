@@ -1,0 +1,91 @@
+"""Generate text with PanGu-alpha: the original demo, on CPU or GPU.
+
+    python infer/generate.py --model 2.6B --checkpoint PanguAlpha_2.6B_fp16.ckpt --prompt "四川的省会是?"
+
+With no --checkpoint it runs the tiny random model shipped in the package
+(its text is gibberish; it shows the pipeline works). With no --prompt it
+runs the seven demonstration prompts of the original; --interactive then
+reads prompts from standard input until EOF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pangu_jax import Tokenizer, generate, load_checkpoint
+from pangu_jax.assets import EMBEDDED_CHECKPOINT, EMBEDDED_DESCRIPTION
+from pangu_jax.config import DTYPES, PRESETS
+
+DEMO_PROMPTS = [
+    "上联：瑞风播福泽，事业具昌盛千家乐",
+    "四川的省会是?",
+    "上联：春雨润人间，社会和谐万象新",
+    "书生：羌笛何须怨杨柳，春风不度玉门关。\n"
+    "飞云：（这诗怎么这么耳熟？且过去跟他聊聊如何。）\n"
+    "书生：小兄弟，要不要一起喝一杯？\n"
+    "飞云：你请我呀？你若是请我，我便和你喝一杯；你若不请我，我便一个人去喝。\n"
+    "书生：小兄弟，看你年纪轻轻，不至于这么势利吧？\n"
+    "飞云：",
+    "张无忌拿出屠龙宝刀，手起刀落，周芷若掉了一颗门牙，身旁的赵敏喜极而泣，",
+    "人工智能是引领新一轮科技革命和产业变革的战略性技术，正在深刻改变人们的生产、生活和学习方式。"
+    "世界主要国家纷纷把发展人工智能作为提升国家竞争力、维护国家安全的重大战略，加紧出台规划和政策，"
+    "围绕核心技术、顶尖人才、标准规范等强化部署，力图在新一轮国际科技竞争中掌握主导权。"
+    "我国在人工智能领域拥有海量数据、丰富应用场景和广阔市场，具备良好的发展基础。当前，",
+    "中国和美国和日本和法国和加拿大和澳大利亚的首都分别是哪里？",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="MindSpore .ckpt file (default: the embedded tiny random model)")
+    p.add_argument("--model", choices=sorted(PRESETS), help="preset; inferred from the tensor shapes when omitted")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute and storage dtype (default: the file's)")
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: the 7 demo prompts)")
+    p.add_argument("--interactive", action="store_true", help="then read prompts from stdin until EOF")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=5, help="0 switches it off (the original samples from the top 5)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", help="vocab.model (default: $PANGU_JAX_VOCAB, the cache, or a one-time download)")
+    p.add_argument("--special-tokens", action="store_true", help="map literal <eot>, <sep>, ... in prompts to their ids")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    path = args.checkpoint or EMBEDDED_CHECKPOINT
+    if args.checkpoint is None:
+        print(f"No --checkpoint given: using {EMBEDDED_DESCRIPTION}\n", file=sys.stderr)
+    start = time.perf_counter()
+    config, params = load_checkpoint(path, args.model, dtype=args.dtype)
+    tokenizer = Tokenizer(args.vocab, special_tokens=args.special_tokens)
+    print(f"Loaded {path} ({config.num_params() / 1e9:.2f}B parameters, {config.dtype}) "
+          f"in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+
+    def run(prompts: list[str]) -> None:
+        ids = tokenizer.encode_batch(prompts)
+        outputs = generate(
+            config, params, ids, args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            stop_ids=(tokenizer.eot_id, tokenizer.eod_id),
+        )
+        for prompt, new in zip(prompts, outputs):
+            print(f"Input is: {prompt}\nOutput is: {prompt}{tokenizer.decode(new)}\n", flush=True)
+
+    try:
+        run(args.prompt or DEMO_PROMPTS)
+        if args.interactive:
+            for line in sys.stdin:
+                if line.strip():
+                    run([line.rstrip("\n")])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Assemble our parameter tree from a checkpoint's tensors, one tensor at a time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Protocol
+
+import jax
+import numpy as np
+
+from ..config import DTYPES, PRESETS, PanguConfig
+from .layout import Slot, count_blocks, is_layernorm, is_training_state, mindspore_slots
+from .mindspore_format import CheckpointFormatError, read_mindspore_index
+
+
+class StoredTensor(Protocol):
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint that does not hold the model asked for."""
+
+
+def _listing(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def infer_config(source: str, tensors: Mapping[str, StoredTensor]) -> PanguConfig:
+    """Read the sizes off the tensor shapes; heads come from the matching preset."""
+    try:
+        vocab, hidden = tensors["backbone.word_embedding.embedding_table"].shape
+        positions = tensors["backbone.position_embedding.embedding_table"].shape[0]
+    except KeyError as e:
+        raise CheckpointMismatchError(f"{source}: no tensor {e.args[0]}; is this a PanGu-alpha checkpoint?") from None
+    layers = count_blocks(tensors) + 1
+    for name, sizes in PRESETS.items():
+        if sizes["hidden_size"] == hidden and sizes["num_layers"] == layers:
+            return PanguConfig.preset(name, vocab_size=vocab, max_positions=positions)
+    raise CheckpointMismatchError(
+        f"{source}: hidden size {hidden} with {layers} layers matches no preset "
+        f"({', '.join(PRESETS)}); pass a PanguConfig to say how many heads it has"
+    )
+
+
+def _float_dtype_name(source: str, name: str, data: np.ndarray) -> str:
+    for key, dt in DTYPES.items():
+        if data.dtype == np.dtype(dt):
+            return key
+    raise CheckpointMismatchError(f"{source}: tensor {name} has dtype {data.dtype}; expected a float tensor")
+
+
+def _check(source: str, tensors: Mapping[str, StoredTensor], slots: dict[str, Slot], config: PanguConfig) -> None:
+    """Shapes first (they say most when the wrong preset was named), then the name sets."""
+    for name, slot in slots.items():
+        if name not in tensors:
+            continue
+        shape = tuple(tensors[name].shape)
+        if shape != slot.stored_shape:
+            raise CheckpointMismatchError(
+                f"{source}: tensor {name} has shape {shape}, expected {slot.stored_shape} "
+                f"(hidden {config.hidden_size}, heads {config.num_heads}, vocab {config.vocab_size}, "
+                f"positions {config.max_positions})"
+            )
+        _float_dtype_name(source, name, tensors[name].data)
+    missing = [n for n in slots if n not in tensors]
+    if missing:
+        raise CheckpointMismatchError(
+            f"{source}: missing tensor(s) {_listing(missing)} for a model with {config.num_layers} layers"
+        )
+    unexpected = [n for n in tensors if n not in slots and not is_training_state(n)]
+    if unexpected:
+        raise CheckpointMismatchError(
+            f"{source}: unexpected tensor(s) {_listing(unexpected)} for a model with {config.num_layers} layers"
+        )
+
+
+def _empty_tree(config: PanguConfig, slots: dict[str, Slot], dtype: np.dtype) -> dict:
+    tree: dict = {}
+    for slot in slots.values():
+        if slot.layer not in (None, 0):
+            continue
+        shape = slot.to_ours(np.empty(slot.stored_shape, np.uint8), config).shape
+        if slot.layer == 0:
+            shape = (config.num_blocks, *shape)
+        node = tree
+        for key in slot.path[:-1]:
+            node = node.setdefault(key, {})
+        node[slot.path[-1]] = np.empty(shape, np.float32 if is_layernorm(slot.path) else dtype)
+    return tree
+
+
+def assemble_params(
+    source: str,
+    tensors: Mapping[str, StoredTensor],
+    config: PanguConfig | str | None = None,
+    dtype: str | None = None,
+) -> tuple[PanguConfig, dict]:
+    """Check names and shapes against the config, then build the parameter tree.
+
+    Host memory holds the model once in the target dtype plus one source
+    tensor; each finished leaf moves to the default device and its host copy
+    is dropped.
+    """
+    if isinstance(config, str):
+        config = PanguConfig.preset(config)
+    if config is None:
+        config = infer_config(source, tensors)
+    if dtype is None:
+        word = "backbone.word_embedding.embedding_table"
+        dtype = _float_dtype_name(source, word, tensors[word].data) if word in tensors else config.param_dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    config = config.replace(param_dtype=dtype, dtype=dtype)
+    slots = mindspore_slots(config)
+    _check(source, tensors, slots, config)
+
+    target = np.dtype(DTYPES[dtype])
+    tree = _empty_tree(config, slots, target)
+    for name, slot in slots.items():
+        node = tree
+        for key in slot.path[:-1]:
+            node = node[key]
+        leaf = node[slot.path[-1]]
+        value = slot.to_ours(np.asarray(tensors[name].data), config)
+        if slot.layer is None:
+            leaf[...] = value
+        else:
+            leaf[slot.layer] = value
+    return config, _to_device(tree)
+
+
+def _to_device(tree: dict) -> dict:
+    out = {}
+    for key in list(tree):
+        value = tree.pop(key)
+        out[key] = _to_device(value) if isinstance(value, dict) else jax.device_put(value)
+    return out
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    config: PanguConfig | str | None = None,
+    dtype: str | None = None,
+) -> tuple[PanguConfig, dict]:
+    """Load a PanGu-alpha checkpoint: returns (config, params).
+
+    `config` is a PanguConfig, a preset name, or None to infer the preset from
+    the tensor shapes. `dtype` ("float32", "bfloat16", "float16") is the
+    storage and compute dtype of the returned model (LayerNorm stays
+    float32); None keeps the file's own. Supported: MindSpore `.ckpt`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointFormatError(f"{path} is a directory; expected a MindSpore .ckpt file")
+    return assemble_params(str(path), read_mindspore_index(path), config, dtype)

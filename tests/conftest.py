@@ -1,0 +1,44 @@
+"""Shared test fixtures: the reference data in tests/fixtures and small models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load_json(name: str):
+    return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def sequences() -> list[list[int]]:
+    return load_json("inputs.json")["sequences"]
+
+
+@pytest.fixture(scope="session")
+def fixture_weights() -> dict[str, np.ndarray]:
+    """The fixture model's float32 tensors under their MindSpore names."""
+    return {p.stem: np.load(p) for p in sorted((FIXTURES / "npy").glob("*.npy"))}
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32():
+    from pangu_jax import load_checkpoint
+
+    return load_checkpoint(FIXTURES / "tiny_fp32.ckpt")
+
+
+@pytest.fixture(scope="session")
+def vocab_path():
+    """The real vocabulary (env var, cache or one-time download); skip with the reason if unavailable."""
+    from pangu_jax.vocab import VocabNotFoundError, find_vocab
+
+    try:
+        return find_vocab()
+    except VocabNotFoundError as e:
+        pytest.skip(f"real vocabulary unavailable: {e}")

@@ -1,0 +1,48 @@
+"""infer/generate.py end to end on the embedded tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "infer" / "generate.py"
+
+
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("generate_cli", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prompt_prints_the_continuation_after_it(cli, vocab_path, capsys):
+    assert cli.main(["--prompt", "四川的省会是?", "--max-new-tokens", "8", "--vocab", str(vocab_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "TINY RANDOM" in err
+    assert "Input is: 四川的省会是?\nOutput is: 四川的省会是?" in out
+    continuation = out.split("Output is: 四川的省会是?")[1].strip()
+    assert continuation  # eight sampled tokens of gibberish
+
+
+def test_demo_prompts_then_interactive(cli, vocab_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n\n再见\n"))
+    args = ["--max-new-tokens", "2", "--temperature", "0", "--interactive", "--vocab", str(vocab_path)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("Input is: ") == len(cli.DEMO_PROMPTS) + 2
+    assert "Input is: 飞云" not in out and cli.DEMO_PROMPTS[3].endswith("飞云：")
+    assert cli.DEMO_PROMPTS[5].endswith("当前，") and "Input is: 再见" in out
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "prompt 0 is empty"),
+    ("好 " * 600, "the model has 1024 positions"),
+], ids=["empty", "too-long"])
+def test_bad_prompts_exit_2_with_the_reason(cli, vocab_path, capsys, prompt, message):
+    assert cli.main(["--prompt", prompt, "--vocab", str(vocab_path)]) == 2
+    assert message in capsys.readouterr().err

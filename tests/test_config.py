@@ -1,0 +1,73 @@
+import math
+
+import jax
+import pytest
+
+from pangu_jax import PanguConfig
+from pangu_jax.config import PRESETS, ConfigError
+from pangu_jax.model import abstract_params, param_logical_axes
+
+# PANGU.md, "Sizes": parameter counts in billions, to the precision it gives.
+PAPER_SIZES = {"350M": (0.35, 0.01), "2.6B": (2.63, 0.005), "13B": (12.8, 0.05), "200B": (200, 10)}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SIZES))
+def test_preset_parameter_counts_match_the_paper(name):
+    config = PanguConfig.preset(name)
+    expected, tolerance = PAPER_SIZES[name]
+    assert abs(config.num_params() / 1e9 - expected) <= tolerance
+    assert config.vocab_size == 40000 and config.max_positions == 1024
+    assert config.layer_norm_epsilon == 1e-5 and config.ffn_size == 4 * config.hidden_size
+
+
+@pytest.mark.parametrize("name", ["2.6B", "13B", "200B"])
+def test_big_presets_have_the_right_shapes_without_allocating(name):
+    config = PanguConfig.preset(name)
+    shapes = abstract_params(config)
+    assert sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)) == config.num_params()
+    h, n, d = config.hidden_size, config.num_heads, config.head_dim
+    assert shapes["blocks"]["attention"]["query_kernel"].shape == (config.num_layers - 1, h, n, d)
+    assert shapes["top_query_layer"]["mlp"]["up_kernel"].shape == (h, 4 * h)
+    assert shapes["word_embedding"].shape == (40000, h)
+
+
+def test_logical_axes_name_every_parameter_dimension():
+    axes = param_logical_axes(PanguConfig.preset("tiny"))
+    shapes = abstract_params(PanguConfig.preset("tiny"))
+    for spec, shape in zip(jax.tree_util.tree_leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+                           jax.tree_util.tree_leaves(shapes)):
+        assert len(spec) == len(shape.shape)
+    assert axes["blocks"]["attention"]["query_kernel"] == jax.sharding.PartitionSpec("layers", "embed", "heads", "kv")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_json_round_trip(name, tmp_path):
+    config = PanguConfig.preset(name, activation="gelu_erf", dtype="bfloat16")
+    assert PanguConfig.from_json(config.to_json()) == config
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json())
+    assert PanguConfig.from_json(path) == config
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(hidden_size=100, num_heads=3), "divisible by num_heads"),
+        (dict(hidden_size=-64), "hidden_size must be a positive integer"),
+        (dict(vocab_size=0), "vocab_size must be a positive integer"),
+        (dict(num_layers=1), "num_layers counts the top query layer"),
+        (dict(activation="relu"), "activation must be one of"),
+        (dict(dtype="float64"), "dtype must be one of"),
+        (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon must be positive"),
+    ],
+)
+def test_invalid_configs_are_refused_with_a_clear_message(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        PanguConfig.preset("tiny", **changes)
+
+
+def test_unknown_preset_and_unknown_json_field():
+    with pytest.raises(ConfigError, match="unknown preset '7B'"):
+        PanguConfig.preset("7B")
+    with pytest.raises(ConfigError, match=r"unknown PanguConfig field\(s\) \['hidden'\]"):
+        PanguConfig.from_dict({"hidden": 3})

@@ -1,0 +1,96 @@
+"""generate(): greedy against the reference, batching, sampling and prompt errors."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pangu_jax import Sampler, forward, generate
+from tests.conftest import load_json
+
+GREEDY = load_json("expected_greedy.json")["results"]
+
+
+def test_greedy_continuations_equal_the_reference(tiny_fp32):
+    config, params = tiny_fp32
+    prompts = [case["prompt"] for case in GREEDY]
+    out = generate(config, params, prompts, 10, temperature=0, stop_ids=())
+    assert out == [case["new_tokens"] for case in GREEDY]
+
+
+def test_a_batch_of_mixed_lengths_equals_each_prompt_alone(tiny_fp32):
+    config, params = tiny_fp32
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, 1000, n).tolist() for n in (1, 7, 12, 20, 3)]
+    together = generate(config, params, prompts, 12, temperature=0, stop_ids=())
+    assert together == [generate(config, params, [p], 12, temperature=0, stop_ids=())[0] for p in prompts]
+
+
+def test_cached_generation_equals_teacher_forced_argmax(tiny_fp32):
+    config, params = tiny_fp32
+    prompt = [47, 320, 155]
+    new = generate(config, params, [prompt], 15, temperature=0, stop_ids=())[0]
+    logits, _ = forward(config, params, jnp.asarray([prompt + new]))
+    assert np.argmax(np.asarray(logits[0, len(prompt) - 1 : -1]), axis=-1).tolist() == new
+
+
+def test_rows_stop_on_their_own_stop_token(tiny_fp32):
+    config, params = tiny_fp32
+    first, second = (case["prompt"] for case in GREEDY)
+    # The second row's greedy path is 200 forever; stopping on 98 ends only the first row.
+    out = generate(config, params, [first, second], 10, temperature=0, stop_ids=(98,))
+    assert out == [GREEDY[0]["new_tokens"][:2], GREEDY[1]["new_tokens"]]
+
+
+def test_generation_stops_at_the_last_position(tiny_fp32):
+    config, params = tiny_fp32
+    prompt = list(range(10, 10 + config.max_positions - 3))
+    assert len(generate(config, params, [prompt], 50, temperature=0, stop_ids=())[0]) == 3
+
+
+def test_sampling_is_seeded_and_top_k_keeps_to_the_top_tokens(tiny_fp32):
+    config, params = tiny_fp32
+    prompt = GREEDY[0]["prompt"]
+    a = generate(config, params, [prompt], 10, top_k=5, seed=1, stop_ids=())
+    assert a == generate(config, params, [prompt], 10, top_k=5, seed=1, stop_ids=())
+    assert a != generate(config, params, [prompt], 10, top_k=5, seed=2, stop_ids=())
+    assert generate(config, params, [prompt], 10, top_k=1, seed=3, stop_ids=()) == [GREEDY[0]["new_tokens"]]
+
+
+def test_sampler_filters():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keys = [jnp.asarray(np.random.default_rng(i).integers(0, 2**31, 2), jnp.uint32) for i in range(200)]
+    draws = {int(Sampler(top_p=0.7)(logits, k)[0]) for k in keys}
+    assert draws == {0, 1}  # 0.5 < 0.7, so the second token is needed too; no more
+    assert {int(Sampler(top_k=3, temperature=2.0)(logits, k)[0]) for k in keys} == {0, 1, 2}
+    assert int(Sampler(temperature=0)(logits, keys[0])[0]) == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1), "temperature must be >= 0"),
+    (dict(top_k=-2), "top_k must be an integer >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+])
+def test_bad_sampler_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Sampler(**kwargs)
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ([[]], "prompt 0 is empty"),
+    ([[5], []], "prompt 1 is empty"),
+    ([], "non-empty list"),
+    ([list(range(128))], "prompt 0 has 128 tokens; the model has 128 positions"),
+    ([[5, 1000]], r"token id\(s\) \[1000\] outside \[0, 1000\)"),
+    ([[-1]], r"token id\(s\) \[-1\]"),
+])
+def test_bad_prompts_are_refused_with_a_clear_message(tiny_fp32, prompts, message):
+    config, params = tiny_fp32
+    with pytest.raises(ValueError, match=message):
+        generate(config, params, prompts, 5)
+
+
+def test_bad_max_new_tokens(tiny_fp32):
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        generate(*tiny_fp32, [[5]], 0)
