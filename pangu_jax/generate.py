@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import PanguConfig
-from .model import Cache, Params, forward, init_cache
+from .model import Params, forward, init_cache
 from .sampling import Sampler
 
 PAD_ID = 6

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "infer" / "generate.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location("generate_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("infer/generate.py")
 
 
 def test_prompt_prints_the_continuation_after_it(cli, vocab_path, capsys):

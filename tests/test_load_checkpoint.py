@@ -125,3 +125,14 @@ def test_unknown_dtype_string_is_named(tmp_path):
     path.write_bytes(data)
     with pytest.raises(CheckpointFormatError, match=r"odd\.ckpt.*backbone\.word_embedding\.embedding_table.*Float17"):
         load_checkpoint(path)
+
+
+def test_slot_order_is_mindspores_and_the_synthetic_recipe_is_the_fixtures():
+    from pangu_jax.checkpoints.layout import mindspore_slots
+    from pangu_jax.checkpoints.synthetic import random_mindspore_tensors
+
+    stored = read_mindspore_index(FP32)
+    assert list(mindspore_slots(PanguConfig.preset("tiny"))) == list(stored)
+    drawn = random_mindspore_tensors(PanguConfig.preset("tiny"), seed=20210426, dtype="float32")
+    for name, value in drawn:
+        np.testing.assert_array_equal(value, stored[name].data, err_msg=name)

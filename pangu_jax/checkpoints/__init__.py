@@ -1,6 +1,15 @@
 """Checkpoint formats: readers, writers and the name mapping they share."""
 
+from .convert import detect_format
 from .loader import CheckpointMismatchError, load_checkpoint
 from .mindspore_format import CheckpointFormatError
+from .orbax_store import load_orbax, save_orbax
 
-__all__ = ["CheckpointFormatError", "CheckpointMismatchError", "load_checkpoint"]
+__all__ = [
+    "CheckpointFormatError",
+    "CheckpointMismatchError",
+    "detect_format",
+    "load_checkpoint",
+    "load_orbax",
+    "save_orbax",
+]

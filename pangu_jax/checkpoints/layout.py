@@ -69,12 +69,14 @@ def _block_entries(c: PanguConfig) -> list[tuple[str, tuple[str, ...], tuple[int
         ours = "ln1" if ln == "layernorm1" else "ln2"
         entries += [(f"{ln}.gamma", (ours, "scale"), (h,), _same, _same),
                     (f"{ln}.beta", (ours, "bias"), (h,), _same, _same)]
+    entries += [
+        ("attention.projection.weight", ("attention", "output_kernel"), (h, h), _proj_in, _proj_out),
+        ("attention.projection.bias", ("attention", "output_bias"), (h,), _same, _same),
+    ]
     for dense, role in (("dense1", "query"), ("dense2", "key"), ("dense3", "value")):
         entries += [(f"attention.{dense}.weight", ("attention", f"{role}_kernel"), (h, h), _qkv_in, _qkv_out),
                     (f"attention.{dense}.bias", ("attention", f"{role}_bias"), (h,), _heads, _merge_heads)]
     entries += [
-        ("attention.projection.weight", ("attention", "output_kernel"), (h, h), _proj_in, _proj_out),
-        ("attention.projection.bias", ("attention", "output_bias"), (h,), _same, _same),
         ("output.mapping.weight", ("mlp", "up_kernel"), (h, f), _same, _same),
         ("output.mapping.bias", ("mlp", "up_bias"), (f,), _same, _same),
         ("output.projection.weight", ("mlp", "down_kernel"), (f, h), _same, _same),
@@ -84,19 +86,19 @@ def _block_entries(c: PanguConfig) -> list[tuple[str, tuple[str, ...], tuple[int
 
 
 def mindspore_slots(config: PanguConfig) -> dict[str, Slot]:
-    """Every tensor a MindSpore PanGu-alpha checkpoint of `config` holds, in file order."""
+    """Every tensor a MindSpore PanGu-alpha checkpoint of `config` holds, in the order MindSpore writes them."""
     c = config
     h = c.hidden_size
     slots = [
         Slot("backbone.word_embedding.embedding_table", ("word_embedding",), None, (c.vocab_size, h), _same, _same),
         Slot("backbone.position_embedding.embedding_table", ("position_embedding",), None, (c.max_positions, h), _same, _same),
-        Slot("backbone.top_query_embedding.embedding_table", ("top_query_embedding",), None, (c.max_positions, h), _same, _same),
     ]
     for i in range(c.num_blocks):
         slots += [Slot(f"backbone.blocks.{i}.{n}", ("blocks", *p), i, s, a, b) for n, p, s, a, b in _block_entries(c)]
     slots += [
         Slot("backbone.layernorm.gamma", ("final_ln", "scale"), None, (h,), _same, _same),
         Slot("backbone.layernorm.beta", ("final_ln", "bias"), None, (h,), _same, _same),
+        Slot("backbone.top_query_embedding.embedding_table", ("top_query_embedding",), None, (c.max_positions, h), _same, _same),
     ]
     slots += [Slot(f"backbone.top_query_layer.{n}", ("top_query_layer", *p), None, s, a, b) for n, p, s, a, b in _block_entries(c)]
     return {s.name: s for s in slots}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Mapping, Protocol
 
 import jax
@@ -11,7 +10,6 @@ import numpy as np
 
 from ..config import DTYPES, PRESETS, PanguConfig
 from .layout import Slot, count_blocks, is_layernorm, is_training_state, mindspore_slots
-from .mindspore_format import CheckpointFormatError, read_mindspore_index
 
 
 class StoredTensor(Protocol):
@@ -145,16 +143,21 @@ def load_checkpoint(
     config: PanguConfig | str | None = None,
     dtype: str | None = None,
 ) -> tuple[PanguConfig, dict]:
-    """Load a PanGu-alpha checkpoint: returns (config, params).
+    """Load a PanGu-alpha checkpoint of any supported format: returns (config, params).
 
-    `config` is a PanguConfig, a preset name, or None to infer the preset from
-    the tensor shapes. `dtype` ("float32", "bfloat16", "float16") is the
-    storage and compute dtype of the returned model (LayerNorm stays
-    float32); None keeps the file's own. Supported: MindSpore `.ckpt`.
+    The format is detected: a file is a MindSpore `.ckpt`; a directory with
+    `pangu_jax.json` is our orbax store; one with `config.json` and
+    `model.safetensors`, `model.safetensors.index.json` or
+    `pytorch_model*.bin` is a HuggingFace GPTPangu export; one of `*.npy`
+    files holds one MindSpore tensor per file.
+
+    `config` is a PanguConfig, a preset name, or None: then HuggingFace and
+    orbax directories use the config they record, and MindSpore and npy
+    files infer the preset from the tensor shapes (a config given for an
+    orbax store may change its numerics, never its sizes). `dtype` ("float32",
+    "bfloat16", "float16") is the storage and compute dtype of the returned
+    model (LayerNorm stays float32); None keeps the file's own.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise CheckpointFormatError(f"{path} is a directory; expected a MindSpore .ckpt file")
-    return assemble_params(str(path), read_mindspore_index(path), config, dtype)
+    from .convert import load  # convert imports this module
+
+    return load(path, config, dtype)

@@ -1,0 +1,266 @@
+"""Detect a checkpoint's format, open it by MindSpore names, and convert it to another.
+
+Every format maps its names to MindSpore's (layout.py), so a conversion
+streams source tensors, under their MindSpore names, into the target's
+writer one at a time, cast on the way. Only an orbax target assembles the
+model first (once, in the target dtype), because orbax saves a whole tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import DTYPES, PanguConfig
+from ..model import forward
+from .hf_format import is_hf_dir, read_hf, write_hf
+from .layout import is_layernorm, mindspore_slots
+from .loader import CheckpointMismatchError, _check, assemble_params, infer_config
+from .mindspore_format import CheckpointFormatError, read_mindspore_index, write_mindspore
+from .npy_format import LazyTensor, read_npy_dir, write_npy_dir
+from .orbax_store import MARKER, load_orbax, mindspore_view, save_orbax
+
+__all__ = ["FORMATS", "RELEASE_MD5", "ConversionSummary", "Source", "compare_logits", "convert",
+           "detect_format", "load", "open_source", "verify_md5"]
+
+FORMATS = ("orbax", "hf", "mindspore", "npy")
+
+# PANGU.md, "Released checkpoints".
+RELEASE_MD5 = {
+    "Pangu-alpha_2.6B.ckpt": "da404a985671f1b5ad913631a4e52219",
+    "PanguAlpha_2.6B_fp16.ckpt": "3a14e8bf50548a717160e89df7c14b63",
+    "PanguAlpha_13b_fp16.ckpt": "f2734649b9b859ff4cf62d496291249a",
+}
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """An opened checkpoint: its tensors by MindSpore name, and its config if the format records one."""
+
+    format: str
+    path: Path
+    config: PanguConfig | None
+    tensors: Mapping
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """"mindspore", "hf", "orbax" or "npy", from what the path holds."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file():
+        if path.suffix in (".safetensors", ".bin", ".json", ".npy"):
+            raise CheckpointFormatError(f"{path}: pass the directory that holds it, not the file")
+        return "mindspore"  # its reader tells what else a file looks like
+    if (path / MARKER).is_file():
+        return "orbax"
+    if is_hf_dir(path):
+        return "hf"
+    if any(path.glob("*.npy")):
+        return "npy"
+    raise CheckpointFormatError(
+        f"{path}: no checkpoint format recognised; looked for {MARKER} (pangu_jax orbax store), "
+        "config.json with model.safetensors, model.safetensors.index.json or pytorch_model*.bin (HuggingFace), "
+        "and *.npy files (one per MindSpore tensor); a MindSpore checkpoint is a single .ckpt file"
+    )
+
+
+def open_source(path: str | os.PathLike, fmt: str | None = None) -> Source:
+    """Open `path` (format detected unless given) without reading its tensors, except an orbax store's."""
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if fmt == "mindspore":
+        return Source(fmt, path, None, read_mindspore_index(path))
+    if fmt == "npy":
+        return Source(fmt, path, None, read_npy_dir(path))
+    if fmt == "hf":
+        config, tensors = read_hf(path)
+        return Source(fmt, path, config, tensors)
+    if fmt == "orbax":
+        config, params = load_orbax(path)
+        return Source(fmt, path, config, mindspore_view(config, params))
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def load(
+    path: str | os.PathLike, config: PanguConfig | str | None = None, dtype: str | None = None
+) -> tuple[PanguConfig, dict]:
+    """`load_checkpoint` for every format (see there)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if isinstance(config, str):
+        config = PanguConfig.preset(config)
+    if fmt == "orbax":
+        stored, params = load_orbax(path, dtype)
+        return _keep_sizes(path, stored, config), params
+    source = open_source(path, fmt)
+    return assemble_params(str(path), source.tensors, config or source.config, dtype)
+
+
+def _keep_sizes(path: Path, stored: PanguConfig, given: PanguConfig | None) -> PanguConfig:
+    """A given config may change the numerics of a store (activation, epsilon), never its sizes."""
+    if given is None:
+        return stored
+    differ = [f"{f} {getattr(given, f)} (stored {getattr(stored, f)})"
+              for f in _SIZE_FIELDS if getattr(given, f) != getattr(stored, f)]
+    if differ:
+        raise CheckpointMismatchError(f"{path}: the given config differs from the store's: {', '.join(differ)}")
+    return given.replace(param_dtype=stored.param_dtype, dtype=stored.dtype)
+
+
+# --- conversion ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionSummary:
+    source_format: str
+    target_format: str
+    config: PanguConfig  # as written: param_dtype is the target dtype
+    source_dtype: str  # of the word embedding
+    tensors: int
+    bytes_written: int
+    seconds: float
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str = "orbax",
+    model: PanguConfig | str | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert `src` (any format) to `dst` in format `to`, atomically.
+
+    `model` overrides the config (needed for MindSpore/npy sources whose
+    shapes match no preset); `dtype` casts every float tensor except the
+    LayerNorm parameters, which stay float32 as in the original fp16
+    network; None keeps each tensor's own dtype.
+    """
+    if to not in FORMATS:
+        raise ValueError(f"unknown target format {to!r}; expected one of {FORMATS}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    start = time.perf_counter()
+    source = open_source(src)
+    config = _resolve_config(source, model)
+    slots = mindspore_slots(config)
+    _check(str(source.path), source.tensors, slots, config)
+    source_dtype = np.dtype(source.tensors["backbone.word_embedding.embedding_table"].data.dtype).name
+    config = config.replace(param_dtype=dtype or source_dtype, dtype=dtype or source_dtype)
+    plan = {name: _target_dtype(source.tensors[name].data.dtype, slot.path, dtype) for name, slot in slots.items()}
+    with _Progress(source, to, slots, progress) as tick:
+        tensors = {name: _ticking(source.tensors[name], tick) for name in slots}
+        if to == "orbax":
+            config, params = assemble_params(str(source.path), tensors, config, dtype)
+            save_orbax(dst, config, params)
+        else:
+            stream = ((name, np.asarray(tensors[name].data).astype(plan[name], copy=False))
+                      for name in mindspore_slots(config))
+            _write_stream(to, dst, config, stream, plan)
+    seconds = time.perf_counter() - start
+    return ConversionSummary(source.format, to, config, source_dtype, len(slots), _disk_size(Path(dst)), seconds)
+
+
+def _resolve_config(source: Source, model: PanguConfig | str | None) -> PanguConfig:
+    if isinstance(model, str):
+        return PanguConfig.preset(model)
+    return model or source.config or infer_config(str(source.path), source.tensors)
+
+
+def _target_dtype(stored: np.dtype, path: tuple[str, ...], dtype: str | None) -> np.dtype:
+    if dtype is None:
+        return np.dtype(stored)
+    return np.dtype(np.float32 if is_layernorm(path) else DTYPES[dtype])
+
+
+def _write_stream(to: str, dst, config: PanguConfig, stream: Iterator, plan: dict) -> None:
+    if to == "mindspore":
+        write_mindspore(dst, stream)
+    elif to == "npy":
+        write_npy_dir(dst, stream)
+    else:
+        write_hf(dst, config, stream, plan)
+
+
+def _ticking(record, tick: Callable[[int], None]) -> LazyTensor:
+    """The record, reporting its bytes to the progress bar when read."""
+    def load() -> np.ndarray:
+        array = np.asarray(record.data)
+        tick(array.nbytes)
+        return array
+
+    return LazyTensor(record.shape, record.data.dtype, load)
+
+
+class _Progress:
+    """A tqdm bar over the bytes read from the source, with the tensor count beside it."""
+
+    def __init__(self, source: Source, target: str, names, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        total = sum(math.prod(source.tensors[n].shape) * source.tensors[n].data.dtype.itemsize for n in names)
+        self.count, self.tensors = 0, len(names)
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"{source.format} -> {target}", disable=not enabled)
+
+    def __enter__(self) -> Callable[[int], None]:
+        return self.tick
+
+    def tick(self, nbytes: int) -> None:
+        self.count += 1
+        self.bar.set_postfix_str(f"{self.count}/{self.tensors} tensors", refresh=False)
+        self.bar.update(nbytes)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+def _disk_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# --- checks --------------------------------------------------------------------------
+
+
+def compare_logits(src, dst, config: PanguConfig, length: int = 8, seed: int = 0) -> float:
+    """Max abs difference of the float32 logits of `src` and `dst` on one random sequence.
+
+    The two models are loaded one after the other, never both at once.
+    """
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (1, min(length, config.max_positions))))
+
+    def logits(path) -> np.ndarray:
+        loaded, params = load(path, config, dtype="float32")
+        return np.asarray(forward(loaded, params, tokens)[0])
+
+    return float(np.max(np.abs(logits(src) - logits(dst))))
+
+
+def verify_md5(path: str | os.PathLike) -> str:
+    """Check a released MindSpore file against PANGU.md's MD5 table; raise on a mismatch.
+
+    Returns what was found, including "no reference MD5" for an unknown file name.
+    """
+    path = Path(path)
+    expected = RELEASE_MD5.get(path.name)
+    if expected is None:
+        return f"{path.name}: no reference MD5 (known: {', '.join(RELEASE_MD5)}); not verified"
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise CheckpointFormatError(f"{path}: MD5 {digest.hexdigest()}, expected {expected} for the released file")
+    return f"{path.name}: MD5 {expected} matches the released file"
