@@ -1,7 +1,7 @@
 """Checkpoint formats: readers, writers and the name mapping they share."""
 
-from .convert import detect_format
-from .loader import CheckpointMismatchError, load_checkpoint
+from .convert import detect_format, load_checkpoint
+from .loader import CheckpointMismatchError
 from .mindspore_format import CheckpointFormatError
 from .orbax_store import load_orbax, save_orbax
 

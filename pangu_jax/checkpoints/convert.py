@@ -29,7 +29,7 @@ from .npy_format import LazyTensor, read_npy_dir, write_npy_dir
 from .orbax_store import MARKER, load_orbax, mindspore_view, save_orbax
 
 __all__ = ["FORMATS", "RELEASE_MD5", "ConversionSummary", "Source", "compare_logits", "convert",
-           "detect_format", "load", "open_source", "verify_md5"]
+           "detect_format", "load_checkpoint", "open_source", "verify_md5"]
 
 FORMATS = ("orbax", "hf", "mindspore", "npy")
 
@@ -91,10 +91,24 @@ def open_source(path: str | os.PathLike, fmt: str | None = None) -> Source:
     raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
-def load(
+def load_checkpoint(
     path: str | os.PathLike, config: PanguConfig | str | None = None, dtype: str | None = None
 ) -> tuple[PanguConfig, dict]:
-    """`load_checkpoint` for every format (see there)."""
+    """Load a PanGu-alpha checkpoint of any supported format: returns (config, params).
+
+    The format is detected: a file is a MindSpore `.ckpt`; a directory with
+    `pangu_jax.json` is our orbax store; one with `config.json` and
+    `model.safetensors`, `model.safetensors.index.json` or
+    `pytorch_model*.bin` is a HuggingFace GPTPangu export; one of `*.npy`
+    files holds one MindSpore tensor per file.
+
+    `config` is a PanguConfig, a preset name, or None: then HuggingFace and
+    orbax directories use the config they record, and MindSpore and npy
+    files infer the preset from the tensor shapes (a config given for an
+    orbax store may change its numerics, never its sizes). `dtype` ("float32",
+    "bfloat16", "float16") is the storage and compute dtype of the returned
+    model (LayerNorm stays float32); None keeps the file's own.
+    """
     path = Path(path)
     fmt = detect_format(path)
     if isinstance(config, str):
@@ -242,7 +256,7 @@ def compare_logits(src, dst, config: PanguConfig, length: int = 8, seed: int = 0
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (1, min(length, config.max_positions))))
 
     def logits(path) -> np.ndarray:
-        loaded, params = load(path, config, dtype="float32")
+        loaded, params = load_checkpoint(path, config, dtype="float32")
         return np.asarray(forward(loaded, params, tokens)[0])
 
     return float(np.max(np.abs(logits(src) - logits(dst))))

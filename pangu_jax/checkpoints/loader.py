@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Protocol
 
 import jax
@@ -136,28 +135,3 @@ def _to_device(tree: dict) -> dict:
         value = tree.pop(key)
         out[key] = _to_device(value) if isinstance(value, dict) else jax.device_put(value)
     return out
-
-
-def load_checkpoint(
-    path: str | os.PathLike,
-    config: PanguConfig | str | None = None,
-    dtype: str | None = None,
-) -> tuple[PanguConfig, dict]:
-    """Load a PanGu-alpha checkpoint of any supported format: returns (config, params).
-
-    The format is detected: a file is a MindSpore `.ckpt`; a directory with
-    `pangu_jax.json` is our orbax store; one with `config.json` and
-    `model.safetensors`, `model.safetensors.index.json` or
-    `pytorch_model*.bin` is a HuggingFace GPTPangu export; one of `*.npy`
-    files holds one MindSpore tensor per file.
-
-    `config` is a PanguConfig, a preset name, or None: then HuggingFace and
-    orbax directories use the config they record, and MindSpore and npy
-    files infer the preset from the tensor shapes (a config given for an
-    orbax store may change its numerics, never its sizes). `dtype` ("float32",
-    "bfloat16", "float16") is the storage and compute dtype of the returned
-    model (LayerNorm stays float32); None keeps the file's own.
-    """
-    from .convert import load  # convert imports this module
-
-    return load(path, config, dtype)
