@@ -4,6 +4,8 @@
     python infer/bench.py baselines --model 2.6B
     python infer/bench.py throughput --model 2.6B --batches 8,32,64
     python infer/bench.py prefill  --model 2.6B
+    python infer/bench.py ttft     --model 2.6B
+    python infer/bench.py tensor-parallel --model 13B --tensor 1,2,4
 
 Each case runs in its own process so that peak GPU memory
 (`memory_stats()['peak_bytes_in_use']`) belongs to that case alone. Every
@@ -57,13 +59,39 @@ def measure_matmul_rate() -> float:
     return 2 * n**3 / _median_time(lambda: mm(a, b).block_until_ready(), 10)
 
 
-def _device_model(model: str, dtype: str):
+def _device_model(model: str, dtype: str, layout: str = "unstacked", mesh: str | None = None,
+                  weights: str = "float"):
+    """Random parameters made on the device(s) leaf by leaf, in the given layout, on a mesh if asked.
+
+    One small random program per distinct leaf shape: quick to compile, and
+    the peak memory is the model itself.
+    """
+    import functools
+
     import jax
+    import jax.numpy as jnp
 
-    from pangu_jax import PanguConfig, init_params
+    from pangu_jax import PanguConfig
+    from pangu_jax.model import abstract_params
+    from pangu_jax.sharding import make_mesh, param_shardings
 
-    config = PanguConfig.preset(model, param_dtype=dtype, dtype=dtype)
-    params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+    config = PanguConfig.preset(model, param_dtype=dtype, dtype=dtype, weights=weights)
+    unstacked = layout == "unstacked"
+    shapes = abstract_params(config, unstacked=unstacked)
+    shardings = (jax.tree.map(lambda _: None, shapes) if mesh is None
+                 else param_shardings(config, make_mesh(mesh), unstacked=unstacked))
+
+    @functools.cache
+    def maker(shape, dtype, sharding):
+        def make(key):
+            if jnp.issubdtype(dtype, jnp.integer):
+                return jax.random.randint(key, shape, -127, 128, dtype)
+            return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+        return jax.jit(make, out_shardings=sharding)
+
+    keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(shapes))))
+    params = jax.tree.map(lambda a, s: maker(a.shape, a.dtype, s)(next(keys)), shapes, shardings,
+                          is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     jax.block_until_ready(params)
     return config, params
 
@@ -75,53 +103,78 @@ def _tree_bytes(tree) -> int:
 
 
 def _peak_bytes() -> int:
+    """The largest peak over the devices in use."""
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use", 0)
+    return max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
 
 
-def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repeats: int) -> dict:
-    """ms per new token from generate(), as the slope between two lengths."""
+def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repeats: int,
+                layout: str = "unstacked", mesh: str | None = None, weights: str = "float") -> dict:
+    """ms per new token: the median time of one compiled chunk of decode steps, over its steps.
+
+    The prefill (first token) is timed apart, as the median of whole
+    prefill calls.
+    """
     import jax
     import numpy as np
 
-    from pangu_jax import generate
+    from pangu_jax.generate import start as start_generation
     from pangu_jax.model import init_cache
+    from pangu_jax.sharding import make_mesh
 
-    config, params = _device_model(model, dtype)
+    config, params = _device_model(model, dtype, layout, mesh, weights)
     bandwidth = measure_copy_bandwidth()
     prompts = np.random.default_rng(0).integers(10, config.vocab_size, (batch, prompt)).tolist()
+    def start():
+        return start_generation(config, params, prompts, new + 1, temperature=0, stop_ids=())
 
-    def run(n):
-        return lambda: generate(config, params, prompts, n, temperature=0, stop_ids=())
-
-    short = _median_time(run(1), repeats)
-    long = _median_time(run(new + 1), repeats)
-    per_token = (long - short) / new
+    first = _median_time(lambda: jax.block_until_ready(start().state), repeats)
+    run = start()
+    chunk_time = _median_time(lambda: (run.decode(until=None), jax.block_until_ready(run.state)), repeats)
+    per_token = chunk_time / run.chunk
+    devices = 1 if mesh is None else make_mesh(mesh).size
     weight_bytes = _tree_bytes(params)
     cache_bytes = _tree_bytes(jax.eval_shape(lambda: init_cache(config, batch, prompt + new)))
-    limit = (weight_bytes + cache_bytes) / bandwidth
+    limit = (weight_bytes + cache_bytes) / devices / bandwidth
     return {
-        "case": "decode", "model": model, "dtype": dtype, "batch": batch, "prompt": prompt, "new_tokens": new,
+        "case": "decode", "model": model, "dtype": dtype, "weights": weights, "batch": batch, "prompt": prompt,
+        "layout": layout, "mesh": mesh or "", "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "ms_per_token": per_token * 1e3, "tokens_per_s": batch / per_token,
         "limit_ms": limit * 1e3, "ratio_to_limit": limit / per_token,
-        "first_token_ms": short * 1e3, "weight_bytes": weight_bytes, "cache_bytes": cache_bytes,
+        "first_token_ms": first * 1e3, "weight_bytes": weight_bytes, "cache_bytes": cache_bytes,
         "copy_bandwidth_GBps": bandwidth / 1e9, "peak_MiB": _peak_bytes() / 2**20,
     }
 
 
-def case_memory(model: str, dtype: str) -> dict:
+def case_ttft(model: str, dtype: str, prompt: int, cache_dir: str) -> dict:
+    """Seconds from calling generate() in a fresh process to its first token, compile included."""
+    import numpy as np
+
+    from pangu_jax import generate
+    from pangu_jax.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache(cache_dir)
+    config, params = _device_model(model, dtype)
+    prompts = np.random.default_rng(0).integers(10, config.vocab_size, (1, prompt)).tolist()
+    start = time.perf_counter()
+    generate(config, params, prompts, 1, temperature=0, stop_ids=())
+    cold = time.perf_counter() - start
+    return {"case": "ttft", "model": model, "dtype": dtype, "prompt": prompt, "first_token_s": cold}
+
+
+def case_memory(model: str, dtype: str, layout: str = "unstacked", weights: str = "float") -> dict:
     """Peak GPU memory of a batch-1 generation that fills all 1024 positions."""
     import numpy as np
 
     from pangu_jax import generate
 
-    config, params = _device_model(model, dtype)
+    config, params = _device_model(model, dtype, layout, weights=weights)
     prompt = np.random.default_rng(0).integers(10, config.vocab_size, (1, config.max_positions - 24)).tolist()
     generate(config, params, prompt, 24, temperature=0, stop_ids=())
     original = ORIGINAL_MIB.get(f"{model}/{dtype}")
-    return {"case": "memory", "model": model, "dtype": dtype, "context": config.max_positions,
+    return {"case": "memory", "model": model, "dtype": dtype, "weights": weights, "layout": layout,
+            "context": config.max_positions,
             "peak_MiB": _peak_bytes() / 2**20, "original_MiB": original}
 
 
@@ -137,26 +190,25 @@ def case_recompute(model: str, dtype: str, repeats: int) -> dict:
     return {"case": "recompute", "model": model, "dtype": dtype, "ms_per_token": seconds * 1e3}
 
 
-def case_prefill(model: str, dtype: str, repeats: int) -> dict:
+def case_prefill(model: str, dtype: str, repeats: int, layout: str = "unstacked") -> dict:
     import jax.numpy as jnp
 
-    from pangu_jax import forward
-    from pangu_jax.model import init_cache
+    from pangu_jax.model import prefill
 
-    config, params = _device_model(model, dtype)
+    config, params = _device_model(model, dtype, layout)
     rate = measure_matmul_rate()
     t = config.max_positions
     tokens = jnp.ones((1, t), jnp.int32)
-    cache = init_cache(config, 1, t)
+    positions = jnp.arange(t, dtype=jnp.int32)[None]
 
     def run():
-        forward(config, params, tokens, cache=cache, last_only=True)[0].block_until_ready()
+        prefill(config, params, tokens, positions, t)[0].block_until_ready()
 
     seconds = _median_time(run, repeats)
     h, layers = config.hidden_size, config.num_layers
     matmul_params = layers * (4 * h * h + 2 * h * config.ffn_size)
     flops = 2 * matmul_params * t + 4 * layers * t * t * h + 2 * h * config.vocab_size
-    return {"case": "prefill", "model": model, "dtype": dtype, "tokens": t, "ms": seconds * 1e3,
+    return {"case": "prefill", "model": model, "dtype": dtype, "layout": layout, "tokens": t, "ms": seconds * 1e3,
             "tflops": flops / seconds / 1e12, "matmul_tflops": rate / 1e12, "mfu": flops / seconds / rate}
 
 
@@ -189,13 +241,16 @@ def case_hf(model: str, batch: int, new: int, repeats: int) -> dict:
 
 
 CASES = {"decode": case_decode, "memory": case_memory, "recompute": case_recompute,
-         "prefill": case_prefill, "hf": case_hf}
+         "prefill": case_prefill, "hf": case_hf, "ttft": case_ttft}
 
 
-def _run_case(name: str, **kwargs) -> dict:
-    """One case in a fresh process, so its peak memory is its own."""
+def _run_case(name: str, xla_flags: str | None = None, **kwargs) -> dict:
+    """One case in a fresh process, so its peak memory is its own (extra XLA flags if given)."""
     cmd = [sys.executable, __file__, "_case", name, json.dumps(kwargs)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    env = os.environ.copy()
+    if xla_flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         return {"case": name, **kwargs, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -226,35 +281,62 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(CASES[argv[1]](**json.loads(argv[2]))))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", choices=["decode", "baselines", "throughput", "prefill"])
+    p.add_argument("table", choices=["decode", "baselines", "throughput", "prefill", "ttft", "tensor-parallel"])
     p.add_argument("--model", default="2.6B")
     p.add_argument("--dtypes", default="float16,bfloat16")
     p.add_argument("--batches", default="8,32,64")
+    p.add_argument("--hf-batches", help="throughput table: batches for the HuggingFace baseline (default: --batches)")
+    p.add_argument("--layouts", default="unstacked", help="decode table: unstacked and/or stacked")
+    p.add_argument("--tensor", default="1,2,4", help="tensor-parallel table: mesh sizes")
+    p.add_argument("--xla-flags", help="extra XLA_FLAGS for every case")
+    p.add_argument("--weights", default="float", help="decode table: float and/or int8")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="append the rows to this JSON file")
     args = p.parse_args(argv)
     dtypes = args.dtypes.split(",")
     card = _card()
+    flags = args.xla_flags
+    batches = list(map(int, args.batches.split(",")))
     if args.table == "decode":
-        rows = [_run_case("decode", model=args.model, dtype=d, batch=1, prompt=16, new=args.new_tokens,
-                          repeats=args.repeats) for d in dtypes]
-        rows += [_run_case("memory", model=args.model, dtype=d) for d in dtypes]
-        cols = ["case", "model", "dtype", "batch", "ms_per_token", "tokens_per_s", "limit_ms", "ratio_to_limit",
-                "copy_bandwidth_GBps", "peak_MiB", "original_MiB", "error"]
+        rows = [_run_case("decode", flags, model=args.model, dtype=d, batch=1, prompt=16, new=args.new_tokens,
+                          repeats=args.repeats, layout=lay, weights=w)
+                for w in args.weights.split(",") for lay in args.layouts.split(",") for d in dtypes]
+        rows += [_run_case("memory", flags, model=args.model, dtype=d, weights=w)
+                 for w in args.weights.split(",") for d in dtypes]
+        cols = ["case", "model", "dtype", "weights", "layout", "batch", "ms_per_token", "tokens_per_s", "limit_ms",
+                "ratio_to_limit", "copy_bandwidth_GBps", "peak_MiB", "original_MiB", "error"]
     elif args.table == "baselines":
-        rows = [_run_case("recompute", model=args.model, dtype="float16", repeats=args.repeats),
+        rows = [_run_case("recompute", flags, model=args.model, dtype="float16", repeats=args.repeats),
                 _run_case("hf", model=args.model, batch=1, new=args.new_tokens, repeats=3)]
         cols = ["case", "model", "dtype", "batch", "ms_per_token", "tokens_per_s", "error"]
     elif args.table == "throughput":
-        rows = [_run_case("decode", model=args.model, dtype=dtypes[0], batch=b, prompt=16, new=args.new_tokens,
-                          repeats=args.repeats) for b in map(int, args.batches.split(","))]
-        rows += [_run_case("hf", model=args.model, batch=b, new=args.new_tokens, repeats=3)
-                 for b in map(int, args.batches.split(","))]
+        rows = [_run_case("decode", flags, model=args.model, dtype=dtypes[0], batch=b, prompt=16,
+                          new=args.new_tokens, repeats=args.repeats) for b in batches]
+        hf_batches = batches if args.hf_batches is None else list(map(int, filter(None, args.hf_batches.split(","))))
+        rows += [_run_case("hf", model=args.model, batch=b, new=args.new_tokens, repeats=3) for b in hf_batches]
         cols = ["case", "model", "dtype", "batch", "ms_per_token", "tokens_per_s", "ratio_to_limit", "peak_MiB",
                 "error"]
+    elif args.table == "ttft":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as cache:
+            rows = [_run_case("ttft", flags, model=args.model, dtype=dtypes[0], prompt=16, cache_dir=cache)
+                    for _ in range(2)]
+        rows[0]["compilation_cache"], rows[1]["compilation_cache"] = "empty (cold)", "filled by the first run"
+        cols = ["case", "model", "dtype", "prompt", "compilation_cache", "first_token_s", "error"]
+    elif args.table == "tensor-parallel":
+        rows = [_run_case("decode", flags, model=args.model, dtype=dtypes[0], batch=1, prompt=16,
+                          new=args.new_tokens, repeats=args.repeats, mesh=f"tensor={n}")
+                for n in map(int, args.tensor.split(","))]
+        base = rows[0].get("ms_per_token")
+        for n, row in zip(map(int, args.tensor.split(",")), rows):
+            if base and "ms_per_token" in row:
+                row["scaling_efficiency"] = base / (n * row["ms_per_token"])
+        cols = ["case", "model", "dtype", "mesh", "ms_per_token", "limit_ms", "ratio_to_limit",
+                "scaling_efficiency", "peak_MiB", "error"]
     else:
-        rows = [_run_case("prefill", model=args.model, dtype=d, repeats=args.repeats) for d in dtypes]
+        rows = [_run_case("prefill", flags, model=args.model, dtype=d, repeats=args.repeats) for d in dtypes]
         cols = ["case", "model", "dtype", "tokens", "ms", "tflops", "matmul_tflops", "mfu", "error"]
     _print_table(f"{args.table} on {card}, {time.strftime('%Y-%m-%d')}", rows, cols)
     if args.json:

@@ -5,7 +5,9 @@
 With no --checkpoint it runs the tiny random model shipped in the package
 (its text is gibberish; it shows the pipeline works). With no --prompt it
 runs the seven demonstration prompts of the original; --interactive then
-reads prompts from standard input until EOF.
+reads prompts from standard input until EOF, printing each answer as it is
+generated. `--mesh tensor=4` spreads the model over four GPUs (tensor
+parallel); `--mesh data=2,tensor=2` also splits the batch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import time
 
 from pangu_jax import Tokenizer, generate, load_checkpoint
 from pangu_jax.assets import EMBEDDED_CHECKPOINT, EMBEDDED_DESCRIPTION
+from pangu_jax.compilation_cache import enable_compilation_cache
 from pangu_jax.config import DTYPES, PRESETS
+from pangu_jax.generate import stream
+from pangu_jax.sharding import make_mesh
 
 DEMO_PROMPTS = [
     "上联：瑞风播福泽，事业具昌盛千家乐",
@@ -42,13 +47,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="MindSpore .ckpt file (default: the embedded tiny random model)")
     p.add_argument("--model", choices=sorted(PRESETS), help="preset; inferred from the tensor shapes when omitted")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute and storage dtype (default: the file's)")
+    p.add_argument("--int8", action="store_true", help="weight-only int8 matrices (13B fits a 24 GB card)")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: the 7 demo prompts)")
     p.add_argument("--interactive", action="store_true", help="then read prompts from stdin until EOF")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=5, help="0 switches it off (the original samples from the top 5)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 switches it off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", action="store_true", help="print each answer while it is generated, one prompt at a time")
+    p.add_argument("--mesh", help="device mesh, e.g. 'tensor=4' or 'data=2,tensor=2' (default: one device)")
+    p.add_argument("--compilation-cache", help="directory of the persistent compilation cache (default: the user cache)")
     p.add_argument("--vocab", help="vocab.model (default: $PANGU_JAX_VOCAB, the cache, or a one-time download)")
     p.add_argument("--special-tokens", action="store_true", help="map literal <eot>, <sep>, ... in prompts to their ids")
     return p.parse_args(argv)
@@ -59,28 +69,51 @@ def main(argv: list[str] | None = None) -> int:
     path = args.checkpoint or EMBEDDED_CHECKPOINT
     if args.checkpoint is None:
         print(f"No --checkpoint given: using {EMBEDDED_DESCRIPTION}\n", file=sys.stderr)
-    start = time.perf_counter()
-    config, params = load_checkpoint(path, args.model, dtype=args.dtype)
-    tokenizer = Tokenizer(args.vocab, special_tokens=args.special_tokens)
-    print(f"Loaded {path} ({config.num_params() / 1e9:.2f}B parameters, {config.dtype}) "
+    try:
+        enable_compilation_cache(args.compilation_cache)
+        mesh = make_mesh(args.mesh) if args.mesh else None
+        start = time.perf_counter()
+        config, params = load_checkpoint(path, args.model, dtype=args.dtype, mesh=mesh, unstacked=True,
+                                         int8=args.int8)
+        tokenizer = Tokenizer(args.vocab, special_tokens=args.special_tokens)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    placed = f" on a {dict(mesh.shape)} mesh" if mesh is not None else ""
+    weights = ", int8 weights" if args.int8 else ""
+    print(f"Loaded {path} ({config.num_params() / 1e9:.2f}B parameters, {config.dtype}{weights}){placed} "
           f"in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed,
+                   stop_ids=(tokenizer.eot_id, tokenizer.eod_id))
 
     def run(prompts: list[str]) -> None:
-        ids = tokenizer.encode_batch(prompts)
-        outputs = generate(
-            config, params, ids, args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            stop_ids=(tokenizer.eot_id, tokenizer.eod_id),
-        )
+        outputs = generate(config, params, tokenizer.encode_batch(prompts), args.max_new_tokens, **options)
         for prompt, new in zip(prompts, outputs):
             print(f"Input is: {prompt}\nOutput is: {prompt}{tokenizer.decode(new)}\n", flush=True)
 
+    def run_streaming(prompt: str) -> None:
+        print(f"Input is: {prompt}\nOutput is: {prompt}", end="", flush=True)
+        new: list[int] = []
+        shown = ""
+        for (chunk,) in stream(config, params, [tokenizer.encode(prompt)], args.max_new_tokens, **options):
+            new += chunk
+            text = tokenizer.decode(new)
+            print(text[len(shown):] if text.startswith(shown) else text, end="", flush=True)
+            shown = text
+        print("\n", flush=True)
+
     try:
-        run(args.prompt or DEMO_PROMPTS)
+        prompts = args.prompt or DEMO_PROMPTS
+        if args.stream:
+            for prompt in prompts:
+                run_streaming(prompt)
+        else:
+            run(prompts)
         if args.interactive:
             for line in sys.stdin:
                 if line.strip():
-                    run([line.rstrip("\n")])
+                    run_streaming(line.rstrip("\n"))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 from .checkpoints import load_checkpoint
 from .config import PanguConfig
-from .generate import generate
+from .generate import generate, stream
 from .model import forward, init_cache, init_params
 from .sampling import Sampler
 from .tokenizer import Tokenizer
@@ -16,4 +16,5 @@ __all__ = [
     "init_cache",
     "init_params",
     "load_checkpoint",
+    "stream",
 ]

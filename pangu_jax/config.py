@@ -10,6 +10,7 @@ from typing import Any
 import jax.numpy as jnp
 
 ACTIVATIONS = ("gelu_tanh", "gelu_erf")
+WEIGHT_FORMATS = ("float", "int8")
 DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
@@ -30,6 +31,9 @@ class PanguConfig:
     `param_dtype` is the storage dtype of the matrices and embeddings
     (LayerNorm parameters always stay float32, as in the original fp16
     network); `dtype` is the compute dtype of the matrix multiplications.
+    `weights` is "float" (matrices stored in `param_dtype`) or "int8":
+    weight-only int8 with one float32 scale per output channel for every
+    block matrix and the embedding/head (see `pangu_jax.quantize`).
     """
 
     vocab_size: int = 40000
@@ -42,6 +46,7 @@ class PanguConfig:
     activation: str = "gelu_tanh"
     param_dtype: str = "float32"
     dtype: str = "float32"
+    weights: str = "float"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_heads", "ffn_size", "max_positions"):
@@ -66,6 +71,8 @@ class PanguConfig:
             raise ConfigError(
                 f"PanguConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}"
             )
+        if self.weights not in WEIGHT_FORMATS:
+            raise ConfigError(f"PanguConfig.weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(

@@ -1,27 +1,39 @@
-"""Generation: one bucketed prefill, then the whole decode in a jitted while loop.
+"""Generation: one bucketed prefill, then the decode compiled in chunks of steps.
 
 Prompts of different lengths are left-padded to a shared bucket; padding
 slots hold position -1 and are never attended to, so each row computes what
 it would alone, and every row's next token reads the same column.
+
+The decode runs on the device in chunks of `chunk` steps, each a loop of
+fixed trip count (so the GPU is never stalled to ask the host whether to go
+on); `generate` runs the chunks in one `lax.while_loop` that stops once every
+row is done, and `stream` returns to the host after each chunk to hand out
+the new tokens. The state (tokens so far, cache, flags, per-row PRNG keys)
+is donated from chunk to chunk, so the cache is updated in place.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .config import PanguConfig
-from .model import Params, forward, init_cache
+from .model import Params, forward, prefill
 from .sampling import Sampler
+from .sharding import RULES, Rules, cache_shardings, logical_sharding
 
 PAD_ID = 6
 EOD_ID = 8
 EOT_ID = 9
 _MIN_BUCKET = 16
+CHUNK = 16
+
+State = dict[str, Any]
 
 
 def bucket(length: int, limit: int) -> int:
@@ -62,56 +74,154 @@ def _left_pad(prompts: list[list[int]], width: int) -> tuple[np.ndarray, np.ndar
     return tokens, positions
 
 
+def _emit(state: State, logits: jax.Array, sampler: Sampler, stop_ids: tuple[int, ...]) -> State:
+    """Sample each row's next token from `logits` [batch, vocab] and record it for rows still going."""
+    split = jax.vmap(jax.random.split)(state["keys"])
+    token = sampler(logits, split[:, 1], state["seen"])
+    active = ~state["done"] & ~jnp.isin(token, jnp.asarray(stop_ids, jnp.int32))
+    column = jnp.where(active, token, PAD_ID)[:, None]
+    lengths = state["lengths"] + active
+    new = {
+        "step": state["step"] + 1,
+        "out": jax.lax.dynamic_update_slice_in_dim(state["out"], column, state["step"], axis=1),
+        "lengths": lengths,
+        "done": ~active | (lengths >= state["limits"]),
+        "keys": split[:, 0],
+        "last": token,
+    }
+    if state["seen"] is not None:
+        new["seen"] = state["seen"].at[jnp.arange(token.shape[0]), token].set(True)
+    return {**state, **new}
+
+
 @functools.partial(
-    jax.jit, static_argnames=("config", "sampler", "cache_length", "steps", "stop_ids")
+    jax.jit, static_argnames=("config", "sampler", "cache_length", "out_width", "stop_ids", "mesh", "rules")
 )
-def _generate(
+def _prefill(
     config: PanguConfig,
     params: Params,
     tokens: jax.Array,
     positions: jax.Array,
     limits: jax.Array,
-    rng: jax.Array,
+    keys: jax.Array,
     *,
     sampler: Sampler,
     cache_length: int,
-    steps: int,
+    out_width: int,
     stop_ids: tuple[int, ...],
-) -> tuple[jax.Array, jax.Array]:
-    """New tokens [batch, steps] (PAD after a row ends) and each row's count."""
+    mesh: jax.sharding.Mesh | None,
+    rules: Rules,
+) -> State:
+    """Run the prompts into a fresh cache and emit the first new token."""
     batch = tokens.shape[0]
-    cache = init_cache(config, batch, cache_length)
-    logits, cache = forward(config, params, tokens, positions, cache, last_only=True)
-    stops = jnp.asarray(stop_ids, jnp.int32)
-
-    def emit(state, logits):
-        """Sample from the last logits and record the token for rows still going."""
-        step, out, lengths, done, rng, cache, _ = state
-        rng, key = jax.random.split(rng)
-        token = sampler(logits[:, -1], key)
-        active = ~done & ~jnp.isin(token, stops)
-        out = out.at[:, step].set(jnp.where(active, token, PAD_ID))
-        lengths = lengths + active
-        done = ~active | (lengths >= limits)
-        return step + 1, out, lengths, done, rng, cache, token
-
-    def cond(state):
-        step, _, _, done, *_ = state
-        return (step < steps) & ~jnp.all(done)
-
-    def body(state):
-        *rest, cache, last = state
-        logits, cache = forward(config, params, last[:, None], cache=cache)
-        return emit((*rest, cache, last), logits)
-
+    logits, cache = prefill(config, params, tokens, positions, cache_length)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache_shardings(mesh, cache, rules))
+    seen = None
+    if sampler.penalises_repeats:
+        prompt = jnp.where(positions >= 0, tokens, config.vocab_size)  # padding falls off the end
+        seen = jnp.zeros((batch, config.vocab_size), bool).at[jnp.arange(batch)[:, None], prompt].set(True, mode="drop")
     zeros = jnp.zeros((batch,), jnp.int32)
-    out = jnp.full((batch, steps), PAD_ID, jnp.int32)
-    state = emit((jnp.int32(0), out, zeros, zeros.astype(bool), rng, cache, None), logits)
-    _, out, lengths, *_ = jax.lax.while_loop(cond, body, state)
-    return out, lengths
+    state = {
+        "step": jnp.int32(0), "out": jnp.full((batch, out_width), PAD_ID, jnp.int32), "lengths": zeros,
+        "done": zeros.astype(bool), "keys": keys, "cache": cache, "last": zeros, "seen": seen, "limits": limits,
+    }
+    return _emit(state, logits[:, -1], sampler, stop_ids)
 
 
-def generate(
+@functools.partial(
+    jax.jit, static_argnames=("config", "sampler", "stop_ids", "chunk", "until"), donate_argnames="state"
+)
+def _decode(
+    config: PanguConfig,
+    params: Params,
+    state: State,
+    *,
+    sampler: Sampler,
+    stop_ids: tuple[int, ...],
+    chunk: int,
+    until: int | None,
+) -> State:
+    """One chunk of `chunk` steps; with `until`, chunks until every row is done or `until` steps are taken."""
+
+    def step(_, st: State) -> State:
+        logits, cache = forward(config, params, st["last"][:, None], cache=st["cache"])
+        return _emit({**st, "cache": cache}, logits[:, -1], sampler, stop_ids)
+
+    def run_chunk(st: State) -> State:
+        return jax.lax.fori_loop(0, chunk, step, st)
+
+    if until is None:
+        return run_chunk(state)
+    return jax.lax.while_loop(lambda st: (st["step"] < until) & ~jnp.all(st["done"]), run_chunk, state)
+
+
+def _chunk_size(steps: int) -> int:
+    """CHUNK, or the smallest power of two covering the steps after the first."""
+    size = 1
+    while size < min(steps - 1, CHUNK):
+        size *= 2
+    return size
+
+
+def _row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
+    """One key per row: `seed` for every row, or one seed per row."""
+    seeds = np.full(batch, seed) if np.ndim(seed) == 0 else np.asarray(seed).reshape(-1)
+    if len(seeds) != batch:
+        raise ValueError(f"seed: got {len(seeds)} seeds for {batch} prompts; give one int or one per prompt")
+    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+
+
+def _params_mesh(params: Params) -> jax.sharding.Mesh | None:
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
+class _Run:
+    """A prefilled batch, ready to decode: what `generate` and `stream` share."""
+
+    def __init__(self, config, params, prompts, max_new_tokens, sampler, seed, stop_ids, rules):
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        prompts = check_prompts(config, prompts)
+        self.rows = len(prompts)
+        keys = _row_keys(seed, self.rows)
+        mesh = _params_mesh(params)
+        if mesh is not None and self.rows % mesh.shape["data"]:
+            # Fill the batch to a multiple of the data axis with copies of the first row.
+            extra = mesh.shape["data"] - self.rows % mesh.shape["data"]
+            prompts = prompts + [prompts[0]] * extra
+            keys = jnp.concatenate([keys, jnp.repeat(keys[:1], extra)])
+        width = bucket(max(len(p) for p in prompts), config.max_positions)
+        limits = [min(max_new_tokens, config.max_positions - len(p)) for p in prompts]
+        self.steps = max(limits)
+        self.chunk = _chunk_size(self.steps)
+        tokens, positions = _left_pad(prompts, width)
+        inputs = [jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(limits, jnp.int32), keys]
+        if mesh is not None:
+            inputs = [jax.device_put(x, logical_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), rules))
+                      for x in inputs]
+        self.config, self.params, self.sampler = config, params, sampler
+        self.stop_ids = tuple(int(s) for s in stop_ids)
+        self.state = _prefill(
+            config, params, *inputs, sampler=sampler, stop_ids=self.stop_ids,
+            cache_length=width + bucket(self.steps + self.chunk, 1 << 30), out_width=self.steps + self.chunk,
+            mesh=mesh, rules=tuple(rules),
+        )
+
+    def decode(self, until: int | None) -> None:
+        self.state = _decode(self.config, self.params, self.state, sampler=self.sampler, stop_ids=self.stop_ids,
+                             chunk=self.chunk, until=until)
+
+    def finished(self) -> bool:
+        return int(self.state["step"]) >= self.steps or bool(jnp.all(self.state["done"][: self.rows]))
+
+    def tokens(self) -> list[list[int]]:
+        out, lengths = np.asarray(self.state["out"]), np.asarray(self.state["lengths"])
+        return [out[row, : lengths[row]].tolist() for row in range(self.rows)]
+
+
+def start(
     config: PanguConfig,
     params: Params,
     prompts: Sequence[Sequence[int]],
@@ -120,28 +230,56 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 5,
     top_p: float = 1.0,
-    seed: int = 0,
+    repetition_penalty: float = 1.0,
+    seed: int | Sequence[int] = 0,
     stop_ids: Sequence[int] = (EOT_ID, EOD_ID),
-) -> list[list[int]]:
-    """New token ids for each prompt (the stop token itself is not included).
+    rules: Rules = RULES,
+) -> _Run:
+    """Check and prefill a batch: the options that `generate` and `stream` take.
 
     Defaults follow the original demo: top-k 5 sampling, stop at `<eot>` or
     `<eod>`, 50 new tokens. `temperature=0` is greedy. A row also stops when
-    it reaches the model's last position.
+    it reaches the model's last position. `seed` is one int or one per
+    prompt; a row's draws depend only on its own seed and prompt, so each
+    row equals what it would give alone.
+
+    Parameters placed on a mesh (`sharding.shard_params`) run there: the
+    batch splits over the `data` axis (filled up with copies of the first
+    prompt when it does not divide), the cache over `tensor` like the heads.
+    Unstacked parameters (`model.unstack_layers`) decode fastest.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
-    prompts = check_prompts(config, prompts)
-    width = bucket(max(len(p) for p in prompts), config.max_positions)
-    limits = [min(max_new_tokens, config.max_positions - len(p)) for p in prompts]
-    steps = max(limits)
-    tokens, positions = _left_pad(prompts, width)
-    out, lengths = _generate(
-        config, params, jnp.asarray(tokens), jnp.asarray(positions),
-        jnp.asarray(limits, jnp.int32), jax.random.key(seed),
-        sampler=sampler, cache_length=width + bucket(steps, 1 << 30),
-        steps=steps, stop_ids=tuple(int(s) for s in stop_ids),
-    )
-    out, lengths = np.asarray(out), np.asarray(lengths)
-    return [out[row, : lengths[row]].tolist() for row in range(len(prompts))]
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    return _Run(config, params, prompts, max_new_tokens, sampler, seed, stop_ids, rules)
+
+
+def generate(config: PanguConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int = 50,
+             **options) -> list[list[int]]:
+    """New token ids for each prompt (the stop token itself is not included).
+
+    The decode runs on the device until every row is done. `options` are
+    those of `start`: temperature, top_k, top_p, repetition_penalty, seed,
+    stop_ids, rules.
+    """
+    run = start(config, params, prompts, max_new_tokens, **options)
+    if not run.finished():
+        run.decode(until=run.steps)
+    return run.tokens()
+
+
+def stream(config: PanguConfig, params: Params, prompts: Sequence[Sequence[int]], max_new_tokens: int = 50,
+           **options) -> Iterator[list[list[int]]]:
+    """`generate`, handing out each row's new tokens after every compiled chunk.
+
+    Yields, per chunk, a list with each row's tokens since the last yield
+    (empty once a row is done); joined, they equal `generate`'s result for
+    the same arguments. `options` as for `start`.
+    """
+    run = start(config, params, prompts, max_new_tokens, **options)
+    given = [0] * run.rows
+    while True:
+        tokens = run.tokens()
+        yield [row[n:] for row, n in zip(tokens, given)]
+        given = [len(row) for row in tokens]
+        if run.finished():
+            return
+        run.decode(until=None)

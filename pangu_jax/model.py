@@ -6,6 +6,8 @@ Parameters are a plain nested dict:
     position_embedding   [positions, embed]
     top_query_embedding  [positions, embed]  query of the top query layer
     blocks/...           ordinary blocks, stacked on a leading `layers` axis
+                         (or, unstacked, blocks/{"0": ..., "1": ...}: one
+                         dict per layer; see `unstack_layers`)
     final_ln/{scale,bias}
     top_query_layer/...  the last layer, laid out like one block
 
@@ -15,8 +17,15 @@ and each block holds ln1 and ln2 ({scale, bias}); attention with
 [embed]; mlp with up_kernel [embed, mlp], up_bias [mlp], down_kernel
 [mlp, embed], down_bias [embed].
 
+Stacked blocks run under `nn.scan`, so compile time does not grow with
+depth; that is the layout of training and of every checkpoint store. For
+decoding, `unstack_layers` splits them into per-layer arrays, run by an
+unrolled loop: measured on an H100, XLA copies each layer's slice out of a
+stacked weight before a small matmul (about 2.8x the weight bytes per token),
+while separate arrays are read in place.
+
 The key/value cache is an explicit pytree (`init_cache`) passed in and
-returned. It records the position held by every slot (-1: empty or padding);
+returned; its blocks follow the parameters' layout. It records the position held by every slot (-1: empty or padding);
 a key is visible to a query when its position is valid and not after the
 query's position, which gives the causal mask, left padding and decoding one
 rule.
@@ -31,6 +40,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .config import PanguConfig
@@ -46,6 +56,28 @@ _MASKED = -1e9
 
 def _param(module: nn.Module, name: str, init, shape, dtype, axes: tuple[str, ...]):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+Matrix = tuple[jax.Array, jax.Array | None]
+
+
+def _matrix(module: nn.Module, name: str, shape, axes: tuple[str, ...], channels: tuple[int, ...], init=None) -> Matrix:
+    """A weight matrix and, for int8 weights, its float32 scale over the output `channels` (dims of `shape`)."""
+    c: PanguConfig = module.config
+    if c.weights == "int8":
+        values = _param(module, name, nn.initializers.zeros, shape, jnp.int8, axes)
+        scale = _param(module, f"{name}_scale", nn.initializers.ones, tuple(shape[i] for i in channels),
+                       jnp.float32, tuple(axes[i] for i in channels))
+        return values, scale
+    return _param(module, name, init or nn.initializers.normal(0.02), shape, c.jnp_param_dtype, axes), None
+
+
+def _dot(config: PanguConfig, equation: str, x: jax.Array, matrix: Matrix, **kwargs) -> jax.Array:
+    """einsum in the compute dtype; an int8 matrix's scale multiplies the output's trailing channel dims."""
+    values, scale = matrix
+    y = jnp.einsum(equation, x.astype(config.jnp_dtype), values.astype(config.jnp_dtype),
+                   precision=_matmul_precision(config), **kwargs)
+    return y if scale is None else (y * scale).astype(y.dtype)
 
 
 def _matmul_precision(config: PanguConfig):
@@ -83,20 +115,13 @@ class Attention(nn.Module):
 
     def _project(self, name: str, x: jax.Array) -> jax.Array:
         c = self.config
-        init = nn.initializers.normal(0.02)
-        kernel = _param(
-            self, f"{name}_kernel", init, (c.hidden_size, c.num_heads, c.head_dim),
-            c.jnp_param_dtype, ("embed", "heads", "kv"),
-        )
+        kernel = _matrix(self, f"{name}_kernel", (c.hidden_size, c.num_heads, c.head_dim),
+                         ("embed", "heads", "kv"), (1, 2))
         bias = _param(
             self, f"{name}_bias", nn.initializers.zeros, (c.num_heads, c.head_dim),
             c.jnp_param_dtype, ("heads", "kv"),
         )
-        y = jnp.einsum(
-            "bte,enk->btnk", x.astype(c.jnp_dtype), kernel.astype(c.jnp_dtype),
-            precision=_matmul_precision(c),
-        )
-        return y + bias.astype(c.jnp_dtype)
+        return _dot(c, "bte,enk->btnk", x, kernel) + bias.astype(c.jnp_dtype)
 
     @nn.compact
     def __call__(
@@ -133,14 +158,11 @@ class Attention(nn.Module):
             split = cached.shape[-1]
             out = mix(probs[..., :split], layer_cache["value"]) + mix(probs[..., split:], v)
 
-        kernel = _param(
-            self, "output_kernel", nn.initializers.normal(0.02),
-            (c.num_heads, c.head_dim, c.hidden_size), c.jnp_param_dtype, ("heads", "kv", "embed"),
-        )
+        kernel = _matrix(self, "output_kernel", (c.num_heads, c.head_dim, c.hidden_size),
+                         ("heads", "kv", "embed"), (2,))
         bias = _param(self, "output_bias", nn.initializers.zeros, (c.hidden_size,),
                       c.jnp_param_dtype, ("embed",))
-        y = jnp.einsum("btnk,nke->bte", out, kernel.astype(c.jnp_dtype), precision=precision)
-        return y + bias.astype(c.jnp_dtype), {"key": k, "value": v}
+        return _dot(c, "btnk,nke->bte", out, kernel) + bias.astype(c.jnp_dtype), {"key": k, "value": v}
 
 
 class Mlp(nn.Module):
@@ -149,17 +171,13 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        precision = _matmul_precision(c)
-        init = nn.initializers.normal(0.02)
-        up_k = _param(self, "up_kernel", init, (c.hidden_size, c.ffn_size), c.jnp_param_dtype, ("embed", "mlp"))
+        up_k = _matrix(self, "up_kernel", (c.hidden_size, c.ffn_size), ("embed", "mlp"), (1,))
         up_b = _param(self, "up_bias", nn.initializers.zeros, (c.ffn_size,), c.jnp_param_dtype, ("mlp",))
-        down_k = _param(self, "down_kernel", init, (c.ffn_size, c.hidden_size), c.jnp_param_dtype, ("mlp", "embed"))
+        down_k = _matrix(self, "down_kernel", (c.ffn_size, c.hidden_size), ("mlp", "embed"), (1,))
         down_b = _param(self, "down_bias", nn.initializers.zeros, (c.hidden_size,), c.jnp_param_dtype, ("embed",))
-        h = jnp.einsum("bte,ef->btf", x.astype(c.jnp_dtype), up_k.astype(c.jnp_dtype), precision=precision)
-        h = h.astype(jnp.float32) + up_b.astype(jnp.float32)
+        h = _dot(c, "bte,ef->btf", x, up_k).astype(jnp.float32) + up_b.astype(jnp.float32)
         h = jax.nn.gelu(h, approximate=c.activation == "gelu_tanh").astype(c.jnp_dtype)
-        y = jnp.einsum("btf,fe->bte", h, down_k.astype(c.jnp_dtype), precision=precision)
-        return y + down_b.astype(c.jnp_dtype)
+        return _dot(c, "btf,fe->bte", h, down_k) + down_b.astype(c.jnp_dtype)
 
 
 class Block(nn.Module):
@@ -190,32 +208,55 @@ class Block(nn.Module):
         return x, new_kv
 
 
-class PanguAlpha(nn.Module):
+class BlockLoop(nn.Module):
+    """The ordinary blocks as separate per-layer modules "0", "1", ... (unrolled)."""
+
     config: PanguConfig
 
     @nn.compact
     def __call__(
+        self, x: jax.Array, caches: tuple[Cache, ...] | None, positions: jax.Array, cache_positions: jax.Array | None
+    ) -> tuple[jax.Array, tuple[Cache, ...]]:
+        new_kv = []
+        for i in range(self.config.num_blocks):
+            x, kv = Block(self.config, name=str(i))(x, None if caches is None else caches[i], positions, cache_positions)
+            new_kv.append(kv)
+        return x, tuple(new_kv)
+
+
+class PanguAlpha(nn.Module):
+    config: PanguConfig
+    unstacked: bool = False
+
+    @nn.compact
+    def __call__(
         self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, last_only: bool = False
-    ) -> tuple[jax.Array, Cache | None]:
+    ) -> tuple[jax.Array, Any, Cache]:
+        """Logits, and the new tokens' keys and values (blocks' and top layer's) for the caller to cache."""
         c = self.config
         emb_init = nn.initializers.normal(0.02)
-        word = _param(self, "word_embedding", emb_init, (c.vocab_size, c.hidden_size), c.jnp_param_dtype, ("vocab", "embed"))
+        word = _matrix(self, "word_embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"), (0,), emb_init)
         pos_table = _param(self, "position_embedding", emb_init, (c.max_positions, c.hidden_size), c.jnp_param_dtype, (None, "embed"))
         top_table = _param(self, "top_query_embedding", emb_init, (c.max_positions, c.hidden_size), c.jnp_param_dtype, (None, "embed"))
 
-        x = (jnp.take(word, tokens, axis=0, mode="clip").astype(jnp.float32)
-             + jnp.take(pos_table, positions, axis=0, mode="clip").astype(jnp.float32))
+        rows = jnp.take(word[0], tokens, axis=0, mode="clip").astype(jnp.float32)
+        if word[1] is not None:
+            rows = rows * jnp.take(word[1], tokens, axis=0, mode="clip")[..., None]
+        x = rows + jnp.take(pos_table, positions, axis=0, mode="clip").astype(jnp.float32)
         self.sow("intermediates", "embeddings", x)
 
         cache_positions = None if cache is None else cache["positions"]
-        blocks = nn.scan(
-            Block,
-            variable_axes={"params": 0, "intermediates": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast),
-            length=c.num_blocks,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, name="blocks")
+        if self.unstacked:
+            blocks = BlockLoop(c, name="blocks")
+        else:
+            blocks = nn.scan(
+                Block,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=c.num_blocks,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, name="blocks")
         x, block_kv = blocks(x, None if cache is None else cache["blocks"], positions, cache_positions)
 
         h = LayerNorm(c.layer_norm_epsilon, name="final_ln")(x)
@@ -226,13 +267,8 @@ class PanguAlpha(nn.Module):
         )
         if last_only:
             out = out[:, -1:]
-        logits = jnp.einsum(
-            "bte,ve->btv", out.astype(c.jnp_dtype), word.astype(c.jnp_dtype),
-            precision=_matmul_precision(c), preferred_element_type=jnp.float32,
-        )
-        if cache is None:
-            return logits, None
-        return logits, _write_cache(cache, block_kv, top_kv, positions)
+        logits = _dot(c, "bte,ve->btv", out, word, preferred_element_type=jnp.float32)
+        return logits, block_kv, top_kv
 
 
 def _write_cache(cache: Cache, block_kv: Cache, top_kv: Cache, positions: jax.Array) -> Cache:
@@ -241,23 +277,39 @@ def _write_cache(cache: Cache, block_kv: Cache, top_kv: Cache, positions: jax.Ar
     def put(old, new, axis):
         return lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), index, axis)
 
+    if isinstance(cache["blocks"], tuple):
+        blocks = tuple({n: put(old[n], new[n], 1) for n in ("key", "value")}
+                       for old, new in zip(cache["blocks"], block_kv))
+    else:
+        blocks = {n: put(cache["blocks"][n], block_kv[n], 2) for n in ("key", "value")}
     return {
-        "blocks": {name: put(cache["blocks"][name], block_kv[name], 2) for name in ("key", "value")},
+        "blocks": blocks,
         "top": {name: put(cache["top"][name], top_kv[name], 1) for name in ("key", "value")},
         "positions": put(cache["positions"], positions, 1),
         "index": index + positions.shape[1],
     }
 
 
-def init_cache(config: PanguConfig, batch_size: int, length: int | None = None, dtype=None) -> Cache:
-    """An empty cache of `length` slots (default: every position) per row."""
+def init_cache(
+    config: PanguConfig, batch_size: int, length: int | None = None, dtype=None, *, unstacked: bool = False
+) -> Cache:
+    """An empty cache of `length` slots (default: every position) per row.
+
+    `unstacked=True` gives one key/value pair per block (a tuple), to go with
+    unstacked parameters; otherwise the blocks' keys and values are stacked
+    on a leading layers axis like the stacked parameters.
+    """
     length = config.max_positions if length is None else length
     if batch_size <= 0 or length <= 0:
         raise ValueError(f"init_cache needs a positive batch_size and length, got {batch_size} and {length}")
     dtype = config.jnp_dtype if dtype is None else dtype
     kv_shape = (batch_size, length, config.num_heads, config.head_dim)
+    if unstacked:
+        blocks = tuple({n: jnp.zeros(kv_shape, dtype) for n in ("key", "value")} for _ in range(config.num_blocks))
+    else:
+        blocks = {n: jnp.zeros((config.num_blocks, *kv_shape), dtype) for n in ("key", "value")}
     return {
-        "blocks": {n: jnp.zeros((config.num_blocks, *kv_shape), dtype) for n in ("key", "value")},
+        "blocks": blocks,
         "top": {n: jnp.zeros(kv_shape, dtype) for n in ("key", "value")},
         "positions": jnp.full((batch_size, length), -1, jnp.int32),
         "index": jnp.zeros((), jnp.int32),
@@ -302,7 +354,47 @@ def forward(
     positions = jnp.asarray(positions, jnp.int32)
     if positions.shape != tokens.shape:
         raise ValueError(f"forward: positions shape {positions.shape} differs from tokens shape {tokens.shape}")
-    return PanguAlpha(config).apply({"params": params}, tokens.astype(jnp.int32), positions, cache, last_only)
+    unstacked = is_unstacked(params)
+    if cache is not None and isinstance(cache["blocks"], tuple) != unstacked:
+        layout = "unstacked" if unstacked else "stacked"
+        raise ValueError(
+            f"forward: the parameters are {layout} but the cache is not; "
+            f"make the cache with init_cache(..., unstacked={unstacked})"
+        )
+    model = PanguAlpha(config, unstacked=unstacked)
+    logits, block_kv, top_kv = model.apply({"params": params}, tokens.astype(jnp.int32), positions, cache, last_only)
+    if cache is None:
+        return logits, None
+    return logits, _write_cache(cache, block_kv, top_kv, positions)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4), static_argnames="last_only")
+def prefill(
+    config: PanguConfig,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache_length: int,
+    *,
+    last_only: bool = True,
+) -> tuple[jax.Array, Cache]:
+    """Logits and a fresh cache of `cache_length` slots holding these tokens.
+
+    Equals `forward` with an empty `init_cache`, without attending to the
+    empty slots. `positions` as in `forward` (-1: padding); the cache's
+    layout follows the parameters'.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.asarray(positions, jnp.int32)
+    if positions.shape != tokens.shape or tokens.ndim != 2:
+        raise ValueError(f"prefill: tokens {tokens.shape} and positions {positions.shape} must be one [batch, length]")
+    if cache_length < tokens.shape[1]:
+        raise ValueError(f"prefill: cache_length {cache_length} cannot hold {tokens.shape[1]} tokens")
+    unstacked = is_unstacked(params)
+    model = PanguAlpha(config, unstacked=unstacked)
+    logits, block_kv, top_kv = model.apply({"params": params}, tokens, positions, None, last_only)
+    cache = init_cache(config, tokens.shape[0], cache_length, unstacked=unstacked)
+    return logits, _write_cache(cache, block_kv, top_kv, positions)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -319,35 +411,89 @@ def hidden_states(
     tokens = jnp.asarray(tokens, jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    _, state = PanguAlpha(config).apply(
+    unstacked = is_unstacked(params)
+    _, state = PanguAlpha(config, unstacked=unstacked).apply(
         {"params": params}, tokens, jnp.asarray(positions, jnp.int32), mutable=["intermediates"]
     )
     found = state["intermediates"]
+    if unstacked:
+        blocks = jnp.stack([found["blocks"][str(i)]["hidden"][0] for i in range(config.num_blocks)])
+    else:
+        blocks = found["blocks"]["hidden"][0]
     return {
         "embeddings": found["embeddings"][0],
-        "blocks": found["blocks"]["hidden"][0],
+        "blocks": blocks,
         "top_input": found["top_input"][0],
         "output": found["top_query_layer"]["hidden"][0],
     }
 
 
-def _boxed_init(config: PanguConfig, rng: jax.Array):
+def _boxed_init(config: PanguConfig, rng: jax.Array, unstacked: bool = False):
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return PanguAlpha(config).init(rng, tokens, tokens)["params"]
+    return PanguAlpha(config, unstacked=unstacked).init(rng, tokens, tokens)["params"]
 
 
-def init_params(config: PanguConfig, rng: jax.Array | int = 0) -> Params:
-    """Random parameters (normal 0.02 matrices, LayerNorm ones/zeros)."""
+def init_params(config: PanguConfig, rng: jax.Array | int = 0, *, unstacked: bool = False) -> Params:
+    """Random parameters (normal 0.02 matrices, LayerNorm ones/zeros), stacked or per layer.
+
+    The two layouts draw different random values.
+    """
     if isinstance(rng, int):
         rng = jax.random.key(rng)
-    return nn.unbox(_boxed_init(config, rng))
+    return nn.unbox(_boxed_init(config, rng, unstacked))
 
 
-def abstract_params(config: PanguConfig) -> Params:
-    """Shapes and dtypes of the parameters, allocating nothing."""
-    return nn.unbox(jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0)))
+def abstract_params(config: PanguConfig, *, unstacked: bool = False) -> Params:
+    """Shapes and dtypes of the parameters (stacked or per layer), allocating nothing."""
+    return nn.unbox(jax.eval_shape(functools.partial(_boxed_init, config, unstacked=unstacked), jax.random.key(0)))
 
 
-def param_logical_axes(config: PanguConfig) -> Params:
-    """The logical axis names of every parameter, as PartitionSpecs."""
-    return nn.get_partition_spec(jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0)))
+def param_logical_axes(config: PanguConfig, *, unstacked: bool = False) -> Params:
+    """The logical axis names of every parameter, as PartitionSpecs (in the unstacked layout if asked)."""
+    specs = nn.get_partition_spec(jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0)))
+    if unstacked:
+        per_layer = jax.tree.map(lambda s: jax.sharding.PartitionSpec(*s[1:]), specs["blocks"],
+                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        specs = {**specs, "blocks": {str(i): per_layer for i in range(config.num_blocks)}}
+    return specs
+
+
+def is_unstacked(params: Params) -> bool:
+    """Whether the blocks are per-layer dicts ("0", "1", ...) rather than stacked arrays."""
+    return "0" in params["blocks"]
+
+
+def unstack_layers(params: Params, *, delete_stacked: bool = False) -> Params:
+    """The same parameters with one array per block, the layout decoding reads fastest.
+
+    Each layer is sliced out as its own array (on a device, a copy that keeps
+    the stacked array's sharding). `delete_stacked=True` frees each stacked
+    device array as soon as it is split, so the peak is the model plus one
+    stacked weight rather than twice the model; the input tree is unusable
+    afterwards. Already unstacked parameters come back unchanged.
+    """
+    if is_unstacked(params):
+        return params
+    blocks = params["blocks"]
+    count = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+
+    def split(a):
+        parts = [a[i] for i in range(count)]
+        if delete_stacked and isinstance(a, jax.Array):
+            a.delete()
+        return parts
+
+    pieces = jax.tree_util.tree_map(split, blocks)
+    layers = {str(i): jax.tree_util.tree_map(lambda p, i=i: p[i], pieces, is_leaf=lambda x: isinstance(x, list))
+              for i in range(count)}
+    return {**params, "blocks": layers}
+
+
+def stack_layers(params: Params) -> Params:
+    """Undo `unstack_layers`: the blocks stacked on a leading layers axis."""
+    if not is_unstacked(params):
+        return params
+    layers = params["blocks"]
+    stack = jnp.stack if any(isinstance(a, jax.Array) for a in jax.tree_util.tree_leaves(layers)) else np.stack
+    blocks = jax.tree_util.tree_map(lambda *a: stack(a), *(layers[str(i)] for i in range(len(layers))))
+    return {**params, "blocks": blocks}

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from pangu_jax import forward, load_checkpoint
@@ -22,6 +24,7 @@ from pangu_jax.checkpoints.hf_format import read_hf
 from pangu_jax.checkpoints.mindspore_format import read_mindspore_index
 from pangu_jax.checkpoints.orbax_store import load_orbax
 from tests.conftest import FIXTURES
+from tests.fuzzing import mutate, mutation
 
 FP32 = FIXTURES / "tiny_fp32.ckpt"
 HF = FIXTURES / "hf"
@@ -290,7 +293,7 @@ query = sharded["blocks"]["attention"]["query_kernel"]
 assert query.sharding.spec == P(None, None, "tensor", None), query.sharding.spec
 assert {s.data.shape for s in query.addressable_shards} == {(2, 64, 1, 16)}
 assert sharded["top_query_layer"]["mlp"]["up_kernel"].sharding.spec == P(None, "tensor")
-assert sharded["word_embedding"].sharding.is_fully_replicated
+assert sharded["word_embedding"].sharding.spec == P("tensor", None)
 for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 print("restored into", len(jax.devices()), "devices")
@@ -305,3 +308,31 @@ def test_orbax_restores_straight_into_a_mesh(tmp_path):
                             cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "restored into 8 devices" in result.stdout
+
+
+# --- fuzzing the safetensors reader ------------------------------------------------------
+
+_SAFETENSORS = (HF / "model.safetensors").read_bytes()
+_HEADER_END = 8 + int.from_bytes(_SAFETENSORS[:8], "little")
+_st_mutation = mutation(st.one_of(st.integers(0, _HEADER_END + 64), st.integers(0, len(_SAFETENSORS) - 1)))
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hf-fuzz")
+    shutil.copy(HF / "config.json", path / "config.json")
+    return path
+
+
+@settings(max_examples=200, deadline=None)
+@given(mutations=st.lists(_st_mutation, min_size=1, max_size=3))
+def test_fuzz_safetensors_reader_reads_tensors_or_names_the_file(fuzz_dir: Path, mutations: list) -> None:
+    target = fuzz_dir / "model.safetensors"
+    target.write_bytes(mutate(_SAFETENSORS, mutations))
+    try:
+        _, tensors = read_hf(fuzz_dir)
+        for name, record in tensors.items():
+            data = np.asarray(record.data)
+            assert data.shape == record.shape, name
+    except (CheckpointFormatError, CheckpointMismatchError) as error:
+        assert str(fuzz_dir) in str(error)

@@ -94,3 +94,53 @@ def test_bad_prompts_are_refused_with_a_clear_message(tiny_fp32, prompts, messag
 def test_bad_max_new_tokens(tiny_fp32):
     with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
         generate(*tiny_fp32, [[5]], 0)
+
+
+def _penalised_greedy(config, params, prompt, steps, penalty):
+    """Teacher-forced reference: full forward per step, CTRL-style penalty in NumPy."""
+    seq, seen = list(prompt), set(prompt)
+    for _ in range(steps):
+        logits = np.array(forward(config, params, jnp.asarray([seq]))[0][0, -1])
+        for t in seen:
+            logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+        token = int(np.argmax(logits))
+        seq.append(token)
+        seen.add(token)
+    return seq[len(prompt):]
+
+
+def test_repetition_penalty_matches_a_step_by_step_reference(tiny_fp32):
+    config, params = tiny_fp32
+    prompts = [GREEDY[1]["prompt"], GREEDY[0]["prompt"][:3]]
+    out = generate(config, params, prompts, 10, temperature=0, repetition_penalty=1.8, stop_ids=())
+    assert out == [_penalised_greedy(config, params, p, 10, 1.8) for p in prompts]
+    assert out[0] != GREEDY[1]["new_tokens"]  # the plain greedy path repeats token 200; the penalty breaks it
+
+
+def test_each_row_samples_with_its_own_seed(tiny_fp32):
+    config, params = tiny_fp32
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(10, 1000, n).tolist() for n in (2, 9, 5)]
+    seeds = [11, 12, 13]
+    kwargs = dict(temperature=1.3, top_k=0, top_p=0.95, stop_ids=())
+    together = generate(config, params, prompts, 12, seed=seeds, **kwargs)
+    assert together == [generate(config, params, [p], 12, seed=s, **kwargs)[0] for p, s in zip(prompts, seeds)]
+    with pytest.raises(ValueError, match="got 2 seeds for 3 prompts"):
+        generate(config, params, prompts, 4, seed=[1, 2])
+
+
+def test_streaming_hands_out_the_same_tokens_chunk_by_chunk(tiny_fp32):
+    from pangu_jax.generate import stream
+
+    config, params = tiny_fp32
+    prompts = [GREEDY[0]["prompt"], GREEDY[1]["prompt"][:2]]
+    kwargs = dict(top_k=5, seed=[3, 4], stop_ids=(98,))
+    chunks = list(stream(config, params, prompts, 40, **kwargs))
+    assert len(chunks) > 2  # the first token, then several chunks
+    joined = [sum((c[row] for c in chunks), []) for row in range(2)]
+    assert joined == generate(config, params, prompts, 40, **kwargs)
+
+
+def test_repetition_penalty_must_be_positive():
+    with pytest.raises(ValueError, match=r"repetition_penalty must be > 0 \(1 switches it off\), got 0"):
+        Sampler(repetition_penalty=0)

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fuzzing import mutate, mutation
+
 from pangu_jax.checkpoints.mindspore_format import (
     CheckpointFormatError,
     TensorRecord,
@@ -325,28 +327,7 @@ def _header_positions() -> list[int]:
     return positions
 
 
-_position = st.one_of(st.sampled_from(_header_positions()), st.integers(0, len(FUZZ_SOURCE) - 1))
-_mutation = st.one_of(
-    st.tuples(st.just("set"), _position, st.integers(0, 255)),
-    st.tuples(st.just("insert"), _position, st.binary(min_size=1, max_size=12)),
-    st.tuples(st.just("delete"), _position, st.integers(1, 12)),
-    st.tuples(st.just("truncate"), _position, st.just(0)),
-)
-
-
-def _mutate(data: bytes, mutations: list[tuple[str, int, object]]) -> bytes:
-    out = bytearray(data)
-    for kind, position, arg in mutations:
-        position = min(position, max(len(out) - 1, 0))
-        if kind == "set" and out:
-            out[position] = arg
-        elif kind == "insert":
-            out[position:position] = arg
-        elif kind == "delete":
-            del out[position : position + arg]
-        elif kind == "truncate":
-            del out[position:]
-    return bytes(out)
+_mutation = mutation(st.one_of(st.sampled_from(_header_positions()), st.integers(0, len(FUZZ_SOURCE) - 1)))
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +338,7 @@ def fuzz_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @settings(max_examples=300, deadline=None)
 @given(mutations=st.lists(_mutation, min_size=1, max_size=4))
 def test_fuzz_reader_yields_valid_records_or_format_error(fuzz_file: Path, mutations: list) -> None:
-    data = _mutate(FUZZ_SOURCE, mutations)
+    data = mutate(FUZZ_SOURCE, mutations)
     fuzz_file.write_bytes(data)
     names: set[str] = set()
     try:

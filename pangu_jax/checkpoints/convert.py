@@ -18,12 +18,15 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from ..config import DTYPES, PanguConfig
-from ..model import forward
+from ..model import forward, unstack_layers
+from ..quantize import quantize_params
+from ..sharding import RULES, Rules
 from .hf_format import is_hf_dir, read_hf, write_hf
 from .layout import is_layernorm, mindspore_slots
-from .loader import CheckpointMismatchError, _check, assemble_params, infer_config
+from .loader import CheckpointMismatchError, assemble_params, check_tensors, infer_config
 from .mindspore_format import CheckpointFormatError, read_mindspore_index, write_mindspore
 from .npy_format import LazyTensor, read_npy_dir, write_npy_dir
 from .orbax_store import MARKER, load_orbax, mindspore_view, save_orbax
@@ -92,7 +95,14 @@ def open_source(path: str | os.PathLike, fmt: str | None = None) -> Source:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, config: PanguConfig | str | None = None, dtype: str | None = None
+    path: str | os.PathLike,
+    config: PanguConfig | str | None = None,
+    dtype: str | None = None,
+    *,
+    mesh: Mesh | None = None,
+    unstacked: bool = False,
+    rules: Rules = RULES,
+    int8: bool = False,
 ) -> tuple[PanguConfig, dict]:
     """Load a PanGu-alpha checkpoint of any supported format: returns (config, params).
 
@@ -108,16 +118,28 @@ def load_checkpoint(
     orbax store may change its numerics, never its sizes). `dtype` ("float32",
     "bfloat16", "float16") is the storage and compute dtype of the returned
     model (LayerNorm stays float32); None keeps the file's own.
+
+    With `mesh`, every parameter goes straight into its shards under `rules`
+    (`sharding.RULES`: Megatron tensor parallel over the `tensor` axis); no
+    device holds the whole model. `unstacked=True` returns one array per
+    block (`model.unstack_layers`), the layout decoding reads fastest.
+    `int8=True` stores the matrices as weight-only int8 (`quantize`),
+    quantized on the host before they reach a device (for an orbax store:
+    on the device after the restore).
     """
     path = Path(path)
     fmt = detect_format(path)
     if isinstance(config, str):
         config = PanguConfig.preset(config)
     if fmt == "orbax":
-        stored, params = load_orbax(path, dtype)
-        return _keep_sizes(path, stored, config), params
+        stored, params = load_orbax(path, dtype, mesh, rules)
+        if unstacked:
+            params = unstack_layers(params, delete_stacked=True)
+        config = _keep_sizes(path, stored, config)
+        return quantize_params(config, params) if int8 else (config, params)
     source = open_source(path, fmt)
-    return assemble_params(str(path), source.tensors, config or source.config, dtype)
+    return assemble_params(str(path), source.tensors, config or source.config, dtype,
+                           unstacked=unstacked, mesh=mesh, rules=rules, int8=int8)
 
 
 def _keep_sizes(path: Path, stored: PanguConfig, given: PanguConfig | None) -> PanguConfig:
@@ -168,7 +190,7 @@ def convert(
     source = open_source(src)
     config = _resolve_config(source, model)
     slots = mindspore_slots(config)
-    _check(str(source.path), source.tensors, slots, config)
+    check_tensors(str(source.path), source.tensors, slots, config)
     source_dtype = np.dtype(source.tensors["backbone.word_embedding.embedding_table"].data.dtype).name
     config = config.replace(param_dtype=dtype or source_dtype, dtype=dtype or source_dtype)
     plan = {name: _target_dtype(source.tensors[name].data.dtype, slot.path, dtype) for name, slot in slots.items()}

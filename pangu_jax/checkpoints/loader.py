@@ -7,7 +7,12 @@ from typing import Mapping, Protocol
 import jax
 import numpy as np
 
+from jax.sharding import Mesh
+
 from ..config import DTYPES, PRESETS, PanguConfig
+from ..model import unstack_layers
+from ..quantize import quantize_params
+from ..sharding import RULES, Rules, param_shardings
 from .layout import Slot, count_blocks, is_layernorm, is_training_state, mindspore_slots
 
 
@@ -49,7 +54,7 @@ def _float_dtype_name(source: str, name: str, data: np.ndarray) -> str:
     raise CheckpointMismatchError(f"{source}: tensor {name} has dtype {data.dtype}; expected a float tensor")
 
 
-def _check(source: str, tensors: Mapping[str, StoredTensor], slots: dict[str, Slot], config: PanguConfig) -> None:
+def check_tensors(source: str, tensors: Mapping[str, StoredTensor], slots: dict[str, Slot], config: PanguConfig) -> None:
     """Shapes first (they say most when the wrong preset was named), then the name sets."""
     for name, slot in slots.items():
         if name not in tensors:
@@ -94,12 +99,19 @@ def assemble_params(
     tensors: Mapping[str, StoredTensor],
     config: PanguConfig | str | None = None,
     dtype: str | None = None,
+    *,
+    unstacked: bool = False,
+    mesh: Mesh | None = None,
+    rules: Rules = RULES,
+    int8: bool = False,
 ) -> tuple[PanguConfig, dict]:
     """Check names and shapes against the config, then build the parameter tree.
 
     Host memory holds the model once in the target dtype plus one source
-    tensor; each finished leaf moves to the default device and its host copy
-    is dropped.
+    tensor; each finished leaf moves to the default device, or into its
+    shards on `mesh` by `rules`, and its host copy is dropped. `unstacked`
+    returns the per-layer layout (`model.unstack_layers`), split on the host;
+    `int8` quantizes the matrices on the host (`quantize.quantize_params`).
     """
     if isinstance(config, str):
         config = PanguConfig.preset(config)
@@ -112,7 +124,7 @@ def assemble_params(
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     config = config.replace(param_dtype=dtype, dtype=dtype)
     slots = mindspore_slots(config)
-    _check(source, tensors, slots, config)
+    check_tensors(source, tensors, slots, config)
 
     target = np.dtype(DTYPES[dtype])
     tree = _empty_tree(config, slots, target)
@@ -126,12 +138,18 @@ def assemble_params(
             leaf[...] = value
         else:
             leaf[slot.layer] = value
-    return config, _to_device(tree)
+    if unstacked:
+        tree = unstack_layers(tree)
+    if int8:
+        config, tree = quantize_params(config, tree)
+    shardings = None if mesh is None else param_shardings(config, mesh, unstacked=unstacked, rules=rules)
+    return config, _to_device(tree, shardings)
 
 
-def _to_device(tree: dict) -> dict:
+def _to_device(tree: dict, shardings: dict | None) -> dict:
     out = {}
     for key in list(tree):
         value = tree.pop(key)
-        out[key] = _to_device(value) if isinstance(value, dict) else jax.device_put(value)
+        target = None if shardings is None else shardings[key]
+        out[key] = _to_device(value, target) if isinstance(value, dict) else jax.device_put(value, target)
     return out

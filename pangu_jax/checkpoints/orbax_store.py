@@ -19,26 +19,23 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from ..config import DTYPES, PanguConfig
-from ..model import abstract_params, param_logical_axes
+from ..model import abstract_params
+from ..sharding import RULES, Rules, param_shardings
 from ..vocab import VOCAB_SHA256
 from .layout import mindspore_slots
 from .mindspore_format import CheckpointFormatError
 from .npy_format import LazyTensor, atomic_directory
 
-__all__ = ["DEFAULT_RULES", "FORMAT_VERSION", "MARKER", "load_orbax", "mindspore_view", "read_orbax_config", "save_orbax"]
+__all__ = ["FORMAT_VERSION", "MARKER", "load_orbax", "mindspore_view", "read_orbax_config", "save_orbax"]
 
 FORMAT_VERSION = 1
 MARKER = "pangu_jax.json"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER = {"vocab_sha256": VOCAB_SHA256, "eod_id": 8, "eot_id": 9, "pad_id": 6}
-
-# Logical axis (model.param_logical_axes) -> mesh axis; unnamed axes are replicated.
-DEFAULT_RULES: dict[str, str | None] = {"heads": "tensor", "mlp": "tensor"}
-
 
 def save_orbax(path: str | os.PathLike, config: PanguConfig, params: Mapping) -> None:
     """Save `params` (the tree `config` describes) as a store at `path`, atomically."""
@@ -73,13 +70,13 @@ def load_orbax(
     path: str | os.PathLike,
     dtype: str | None = None,
     mesh: Mesh | None = None,
-    rules: Mapping[str, str | None] | None = None,
+    rules: Rules = RULES,
 ) -> tuple[PanguConfig, dict]:
     """Restore (config, params); `dtype` casts as `load_checkpoint` does (LayerNorm stays float32).
 
     Without `mesh` every array lands on the default device. With `mesh`, each
     parameter is restored directly into the `NamedSharding` its logical axes
-    get under `rules` (default `DEFAULT_RULES`).
+    get under `rules` (`sharding.RULES` by default).
     """
     path = Path(path).absolute()
     config = read_orbax_config(path)
@@ -87,7 +84,7 @@ def load_orbax(
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
         config = config.replace(param_dtype=dtype, dtype=dtype)
-    shardings = _shardings(config, mesh, DEFAULT_RULES if rules is None else rules)
+    shardings = _shardings(config, mesh, rules)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params(config), shardings
     )
@@ -101,19 +98,11 @@ def load_orbax(
     return config, params
 
 
-def _shardings(config: PanguConfig, mesh: Mesh | None, rules: Mapping[str, str | None]):
-    specs = param_logical_axes(config)
-    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+def _shardings(config: PanguConfig, mesh: Mesh | None, rules: Rules):
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda _: device, specs, is_leaf=is_spec)
-    unknown = sorted({v for v in rules.values() if v is not None} - set(mesh.axis_names))
-    if unknown:
-        raise ValueError(f"rules name mesh axes {unknown}, but the mesh has {list(mesh.axis_names)}; pass rules for it")
-    return jax.tree.map(
-        lambda spec: NamedSharding(mesh, PartitionSpec(*(rules.get(a) if a else None for a in spec))),
-        specs, is_leaf=is_spec,
-    )
+        return jax.tree.map(lambda _: device, abstract_params(config))
+    return param_shardings(config, mesh, rules=rules)
 
 
 def mindspore_view(config: PanguConfig, params: Mapping) -> dict[str, LazyTensor]:

@@ -1,0 +1,144 @@
+"""Placing the model on a device mesh: one table maps logical axes to mesh axes.
+
+Every parameter carries logical axis names (`model.param_logical_axes`); the
+cache and the token batch use "batch", "length", "heads" and "kv". `RULES`
+says which mesh axis splits each: the batch over `data`, and tensor
+parallelism in the Megatron manner over `tensor` (query/key/value and FFN up
+split by output columns, the attention output and FFN down by input rows, the
+embedding and tied head over the vocabulary). Anything unnamed is
+replicated. XLA's sharding propagation derives the activations' layout and
+inserts the all-reduces, so the same model code runs on one CPU, one GPU and
+a mesh of many.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .config import PanguConfig
+from .model import Cache, Params, param_logical_axes
+
+Rules = Sequence[tuple[str, str | None]]
+
+MESH_AXES = ("data", "tensor")
+
+RULES: Rules = (
+    ("batch", "data"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", None),
+    ("kv", None),
+    ("layers", None),
+    ("length", None),
+)
+
+# The embedding and head replicated instead of split over the vocabulary.
+RULES_REPLICATED_VOCAB: Rules = tuple((a, None) if a == "vocab" else (a, m) for a, m in RULES)
+
+
+def parse_mesh_shape(text: str) -> dict[str, int]:
+    """"data=2,tensor=4" -> {"data": 2, "tensor": 4}."""
+    shape: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"(\w+)=(\d+)", part)
+        if not match:
+            raise ValueError(f"mesh {text!r}: expected axis=size pairs like 'data=2,tensor=4', got {part!r}")
+        axis, size = match.group(1), int(match.group(2))
+        if axis not in MESH_AXES:
+            raise ValueError(f"mesh {text!r}: unknown axis {axis!r}; the axes are {', '.join(MESH_AXES)}")
+        if axis in shape or size < 1:
+            raise ValueError(f"mesh {text!r}: axis {axis!r} given twice or with size < 1")
+        shape[axis] = size
+    return shape
+
+
+def make_mesh(shape: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "tensor") mesh; axes left out have size 1.
+
+    `shape` is "data=2,tensor=4", a dict, or None for tensor parallel over
+    every device. The mesh takes the first data x tensor devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if shape is None:
+        shape = {"tensor": len(devices)}
+    elif isinstance(shape, str):
+        shape = parse_mesh_shape(shape)
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh axes {unknown} unknown; the axes are {', '.join(MESH_AXES)}")
+    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    needed = math.prod(sizes)
+    if needed > len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {needed} devices, but only {len(devices)} are visible"
+        )
+    return Mesh(np.array(devices[:needed]).reshape(sizes), MESH_AXES)
+
+
+def _mesh_axis(rules: Rules, logical: str) -> str | None:
+    return dict(rules).get(logical)
+
+
+def check_mesh(config: PanguConfig, mesh: Mesh, rules: Rules = RULES) -> None:
+    """Raise a clear error when a split dimension does not divide by its mesh axis."""
+    unknown = sorted({m for _, m in rules if m is not None} - set(mesh.axis_names))
+    if unknown:
+        raise ValueError(f"rules name mesh axes {unknown}, but the mesh has {list(mesh.axis_names)}; pass rules for it")
+    sizes = {"heads": config.num_heads, "mlp": config.ffn_size, "vocab": config.vocab_size}
+    for logical, size in sizes.items():
+        axis = _mesh_axis(rules, logical)
+        if axis is not None and size % mesh.shape[axis]:
+            raise ValueError(
+                f"cannot split {logical} ({size}) over mesh axis {axis!r} of size {mesh.shape[axis]}: "
+                f"{size} is not a multiple of {mesh.shape[axis]}"
+                + (" (replicate the vocabulary with RULES_REPLICATED_VOCAB)" if logical == "vocab" else "")
+            )
+
+
+def logical_sharding(mesh: Mesh, axes: Sequence[str | None], rules: Rules = RULES) -> NamedSharding:
+    """The NamedSharding of an array whose dimensions have these logical names."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), rules))
+
+
+def param_shardings(config: PanguConfig, mesh: Mesh, *, unstacked: bool = False, rules: Rules = RULES) -> Params:
+    """A NamedSharding for every parameter, in the tree's layout."""
+    check_mesh(config, mesh, rules)
+    specs = param_logical_axes(config, unstacked=unstacked)
+    return jax.tree.map(
+        lambda spec: logical_sharding(mesh, tuple(spec), rules), specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def shard_params(config: PanguConfig, params: Params, mesh: Mesh, rules: Rules = RULES) -> Params:
+    """Place `params` (stacked or unstacked) on `mesh` by the rules."""
+    from .model import is_unstacked
+
+    return jax.device_put(params, param_shardings(config, mesh, unstacked=is_unstacked(params), rules=rules))
+
+
+def cache_shardings(mesh: Mesh, cache: Cache, rules: Rules = RULES) -> Cache:
+    """Shardings for a cache (stacked or unstacked): batch over data, heads over tensor."""
+    kv = ("batch", "length", "heads", "kv")
+
+    def place(axes):
+        return logical_sharding(mesh, axes, rules)
+
+    if isinstance(cache["blocks"], tuple):
+        blocks = tuple({n: place(kv) for n in layer} for layer in cache["blocks"])
+    else:
+        blocks = {n: place(("layers", *kv)) for n in cache["blocks"]}
+    return {
+        "blocks": blocks,
+        "top": {n: place(kv) for n in cache["top"]},
+        "positions": place(("batch", "length")),
+        "index": NamedSharding(mesh, PartitionSpec()),
+    }

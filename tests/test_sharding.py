@@ -1,0 +1,126 @@
+"""Sharding: one rules table, the same results on a mesh of 8 fake CPU devices as on one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from pangu_jax import PanguConfig
+from pangu_jax.sharding import RULES, RULES_REPLICATED_VOCAB, check_mesh, make_mesh, parse_mesh_shape
+
+_SCRIPT = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from pangu_jax import generate, forward, load_checkpoint
+from pangu_jax.model import unstack_layers
+from pangu_jax.quantize import quantize_params
+from pangu_jax.sharding import make_mesh, shard_params, RULES_REPLICATED_VOCAB
+
+assert jax.device_count() == 8
+config, params = load_checkpoint(sys.argv[1])
+layers = unstack_layers(params)
+prompts = [[31, 47, 320, 155], [5, 9], [77, 78, 79, 80, 81, 82, 83, 84, 85]]
+want = generate(config, params, prompts, 8, temperature=0, stop_ids=())
+sampled = dict(temperature=1.0, top_k=20, seed=[1, 2, 3], stop_ids=())
+want_sampled = generate(config, params, prompts, 8, **sampled)
+tokens = jnp.asarray([prompts[2]])
+want_logits = forward(config, params, tokens)[0]
+
+for shape, tree in [("tensor=4", layers), ("data=2,tensor=4", layers), ("data=2,tensor=2", params), ("data=8", params)]:
+    mesh = make_mesh(shape)
+    placed = shard_params(config, tree, mesh)
+    got = generate(config, placed, prompts, 8, temperature=0, stop_ids=())
+    assert got == want, (shape, got, want)
+    np.testing.assert_allclose(forward(config, placed, tokens)[0], want_logits, atol=1e-5)
+    print("greedy equal on", shape)
+
+mesh = make_mesh("data=2,tensor=4")
+_, loaded = load_checkpoint(sys.argv[1], mesh=mesh, unstacked=True)
+query = loaded["blocks"]["0"]["attention"]["query_kernel"]
+assert query.sharding.spec == P(None, "tensor", None), query.sharding.spec
+assert loaded["blocks"]["0"]["mlp"]["down_kernel"].sharding.spec == P("tensor", None)
+assert loaded["word_embedding"].sharding.spec == P("tensor", None)
+assert generate(config, loaded, prompts, 8, **sampled) == want_sampled
+print("sampled equal on data=2,tensor=4")
+
+replicated = shard_params(config, layers, make_mesh("tensor=4"), rules=RULES_REPLICATED_VOCAB)
+assert replicated["word_embedding"].sharding.is_fully_replicated
+assert generate(config, replicated, prompts, 8, temperature=0, stop_ids=()) == want
+
+config8, int8 = quantize_params(config, layers)
+want8 = generate(config8, int8, prompts, 8, temperature=0, stop_ids=())
+assert generate(config8, shard_params(config8, int8, make_mesh("data=2,tensor=4")), prompts, 8,
+                temperature=0, stop_ids=()) == want8
+print("int8 equal on data=2,tensor=4")
+"""
+
+
+def test_sharded_generation_equals_unsharded_on_8_fake_devices():
+    """XLA_FLAGS must be set before jax starts, hence the subprocess."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    fixture = Path(__file__).parent / "fixtures" / "tiny_fp32.ckpt"
+    result = subprocess.run([sys.executable, "-c", _SCRIPT, str(fixture)], env=env,
+                            cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for shape in ("tensor=4", "data=2,tensor=4", "data=2,tensor=2", "data=8"):
+        assert f"greedy equal on {shape}" in result.stdout
+    assert "int8 equal on data=2,tensor=4" in result.stdout
+
+
+def test_mesh_shapes_parse_and_bad_ones_are_named():
+    assert parse_mesh_shape("data=2,tensor=4") == {"data": 2, "tensor": 4}
+    assert parse_mesh_shape(" tensor=1 ") == {"tensor": 1}
+    with pytest.raises(ValueError, match=r"expected axis=size pairs like 'data=2,tensor=4', got 'tensor4'"):
+        parse_mesh_shape("tensor4")
+    with pytest.raises(ValueError, match=r"unknown axis 'model'; the axes are data, tensor"):
+        parse_mesh_shape("model=2")
+    with pytest.raises(ValueError, match=r"axis 'tensor' given twice or with size < 1"):
+        parse_mesh_shape("tensor=2,tensor=2")
+    with pytest.raises(ValueError, match=r"needs 64 devices, but only \d+ are visible"):
+        make_mesh("data=8,tensor=8")
+    mesh = make_mesh("tensor=1")
+    assert dict(mesh.shape) == {"data": 1, "tensor": 1}
+
+
+class _FakeMesh:
+    """Only what check_mesh reads: axis names and sizes (no devices needed)."""
+
+    def __init__(self, **shape):
+        self.shape = shape
+        self.axis_names = tuple(shape)
+
+
+@pytest.mark.parametrize("config, shape, message", [
+    (PanguConfig.preset("tiny"), dict(data=1, tensor=8),
+     r"cannot split heads \(4\) over mesh axis 'tensor' of size 8: 4 is not a multiple of 8"),
+    (PanguConfig.preset("13B", vocab_size=40001), dict(data=1, tensor=4),
+     r"cannot split vocab \(40001\) over mesh axis 'tensor' of size 4.*RULES_REPLICATED_VOCAB"),
+    (PanguConfig.preset("tiny", ffn_size=250), dict(data=1, tensor=4),
+     r"cannot split mlp \(250\) over mesh axis 'tensor' of size 4"),
+    (PanguConfig.preset("tiny"), dict(data=2),
+     r"rules name mesh axes \['tensor'\], but the mesh has \['data'\]"),
+])
+def test_meshes_that_do_not_divide_the_model_are_refused(config, shape, message):
+    with pytest.raises(ValueError, match=message):
+        check_mesh(config, _FakeMesh(**shape), RULES)
+
+
+def test_replicated_vocabulary_needs_no_divisible_vocab():
+    check_mesh(PanguConfig.preset("13B", vocab_size=40001), _FakeMesh(data=1, tensor=4), RULES_REPLICATED_VOCAB)
+
+
+def test_one_device_mesh_runs_the_model_unchanged(tiny_fp32):
+    from pangu_jax import generate
+    from pangu_jax.sharding import shard_params
+
+    config, params = tiny_fp32
+    placed = shard_params(config, params, make_mesh("tensor=1", jax.devices()[:1]))
+    prompts = [[31, 47, 320]]
+    assert generate(config, placed, prompts, 5, temperature=0, stop_ids=()) == generate(
+        config, params, prompts, 5, temperature=0, stop_ids=())
