@@ -52,3 +52,18 @@ def vocab_path():
         return find_vocab()
     except VocabNotFoundError as e:
         pytest.skip(f"real vocabulary unavailable: {e}")
+
+
+def max_logit_error(path, sequences, expected="expected_logits_gelu_tanh", **kwargs) -> float:
+    """Largest |logit - reference| of the checkpoint at `path` over the fixture sequences."""
+    import jax.numpy as jnp
+
+    from pangu_jax import forward, load_checkpoint
+
+    config, params = load_checkpoint(path, **kwargs)
+    want = np.load(FIXTURES / f"{expected}.npy")
+    errors = []
+    for row, seq in enumerate(sequences):
+        logits = np.asarray(forward(config, params, jnp.asarray([seq]))[0][0])
+        errors.append(np.abs(logits[:, : want.shape[-1]] - want[row, : len(seq)]).max())
+    return float(max(errors))

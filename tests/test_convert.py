@@ -44,6 +44,23 @@ def test_cli_converts_checks_and_summarises(cli, tmp_path, capsys):
     assert "orbax" in capsys.readouterr().out and (tmp_path / "hf" / "model.safetensors").is_file()
 
 
+def test_check_runs_each_model_in_its_stored_dtype(tmp_path, monkeypatch):
+    """float16 stays float16 (half the host memory of a float32 check), and an uncast copy agrees exactly."""
+    loaded = []
+    real = conversion.load_checkpoint
+
+    def spy(path, config):
+        config, params = real(path, config)
+        loaded.append(config.param_dtype)
+        return config, params
+
+    convert(FIXTURES / "tiny_fp16.ckpt", tmp_path / "store", progress=False)
+    monkeypatch.setattr(conversion, "load_checkpoint", spy)
+    config, _ = real(tmp_path / "store")
+    assert conversion.compare_logits(FIXTURES / "tiny_fp16.ckpt", tmp_path / "store", config) == 0.0
+    assert loaded == ["float16", "float16"]
+
+
 def test_cli_cast_reports_the_difference_without_failing(cli, tmp_path, capsys):
     assert cli.main([str(FP32), str(tmp_path / "half.ckpt"), "--to", "mindspore", "--dtype", "float16",
                      "--check", "--quiet"]) == 0

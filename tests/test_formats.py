@@ -17,28 +17,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from pangu_jax import forward, load_checkpoint
+from pangu_jax import load_checkpoint
 from pangu_jax.checkpoints import CheckpointFormatError, CheckpointMismatchError, detect_format
 from pangu_jax.checkpoints.convert import convert
 from pangu_jax.checkpoints.hf_format import read_hf
 from pangu_jax.checkpoints.mindspore_format import read_mindspore_index
 from pangu_jax.checkpoints.orbax_store import load_orbax
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, max_logit_error
 from tests.fuzzing import mutate, mutation
 
 FP32 = FIXTURES / "tiny_fp32.ckpt"
 HF = FIXTURES / "hf"
 WTE = "transformer.wte.weight"
-
-
-def _max_error(path, sequences, expected="expected_logits_gelu_tanh", **kwargs) -> float:
-    config, params = load_checkpoint(path, **kwargs)
-    want = np.load(FIXTURES / f"{expected}.npy")
-    errors = []
-    for row, seq in enumerate(sequences):
-        logits = np.asarray(forward(config, params, jnp.asarray([seq]))[0][0])
-        errors.append(np.abs(logits[:, : want.shape[-1]] - want[row, : len(seq)]).max())
-    return float(max(errors))
 
 
 def _hf_copy(tmp_path, edit_config=None, edit_tensors=None) -> Path:
@@ -70,7 +60,7 @@ def _leftovers(directory: Path) -> list[str]:
 @pytest.mark.parametrize("source", ["hf", "npy"])
 def test_fixture_directories_give_the_reference_logits(source, sequences):
     assert detect_format(FIXTURES / source) == source
-    assert _max_error(FIXTURES / source, sequences) < 1e-4
+    assert max_logit_error(FIXTURES / source, sequences) < 1e-4
 
 
 def test_hf_pickle_gives_the_reference_logits(tmp_path, sequences):
@@ -78,7 +68,7 @@ def test_hf_pickle_gives_the_reference_logits(tmp_path, sequences):
     for name in ("config.json", "pytorch_model.bin"):
         shutil.copy(HF / name, tmp_path / name)
     assert detect_format(tmp_path) == "hf"
-    assert _max_error(tmp_path, sequences) < 1e-4
+    assert max_logit_error(tmp_path, sequences) < 1e-4
 
 
 def test_hf_pickle_without_torch_says_what_to_do(tmp_path, monkeypatch):
@@ -98,7 +88,7 @@ def test_hf_config_is_read_from_config_json():
 
 def test_hf_exact_gelu_is_honoured(tmp_path, sequences):
     path = _hf_copy(tmp_path, edit_config=lambda c: c.update(activation_function="gelu"))
-    assert _max_error(path, sequences, "expected_logits_gelu_erf") < 1e-4
+    assert max_logit_error(path, sequences, "expected_logits_gelu_erf") < 1e-4
 
 
 def test_hf_sharded_safetensors_load(tmp_path, sequences):
@@ -110,7 +100,7 @@ def test_hf_sharded_safetensors_load(tmp_path, sequences):
     index = {"metadata": {}, "weight_map": {n: shard for shard, members in shards.items() for n in members}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     shutil.copy(HF / "config.json", tmp_path)
-    assert _max_error(tmp_path, sequences) < 1e-4
+    assert max_logit_error(tmp_path, sequences) < 1e-4
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointFormatError,
                        match=r"model\.safetensors\.index\.json names shard model-00002-of-00002\.safetensors, which is missing"):
@@ -123,7 +113,7 @@ def test_hf_padded_vocabulary_keeps_its_rows(tmp_path, sequences):
 
     path = _hf_copy(tmp_path, edit_tensors=pad)
     assert load_checkpoint(path)[0].vocab_size == 1024
-    assert _max_error(path, sequences) < 1e-4
+    assert max_logit_error(path, sequences) < 1e-4
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -157,7 +147,7 @@ def test_hf_tensors_that_do_not_fit_are_refused(tmp_path, edit, message):
 
 def test_hf_tied_head_equal_to_the_embedding_is_accepted(tmp_path, sequences):
     path = _hf_copy(tmp_path, edit_tensors=lambda t: t.update({"lm_head.weight": t[WTE].copy()}))
-    assert _max_error(path, sequences) < 1e-4
+    assert max_logit_error(path, sequences) < 1e-4
 
 
 def test_npy_directory_missing_a_tensor_is_refused(tmp_path):
@@ -262,7 +252,7 @@ def test_orbax_store_records_config_and_tokenizer(tmp_path, sequences):
     assert marker["format_version"] == 1
     assert marker["tokenizer"] == {"vocab_sha256": "18857e86783e50cfcaa0bc3c043fb4e9b5f240b885d2870ea593ee69b44f7a3a",
                                    "eod_id": 8, "eot_id": 9, "pad_id": 6}
-    assert _max_error(tmp_path / "store", sequences) < 1e-4
+    assert max_logit_error(tmp_path / "store", sequences) < 1e-4
     config, params = load_checkpoint(tmp_path / "store", dtype="float16")
     assert config.dtype == "float16" and params["blocks"]["mlp"]["up_kernel"].dtype == jnp.float16
     assert params["final_ln"]["scale"].dtype == jnp.float32

@@ -30,7 +30,7 @@ import numpy as np
 from ..config import PanguConfig
 from .layout import mindspore_slots
 from .mindspore_format import CheckpointFormatError
-from .npy_format import LazyTensor, atomic_directory
+from .storage import LazyTensor, atomic_directory, import_torch
 
 __all__ = ["HF_BLOCK", "HF_GLOBALS", "hf_config_dict", "hf_names", "is_hf_dir", "read_hf", "write_hf"]
 
@@ -199,24 +199,18 @@ def _open_safetensors(file: Path) -> dict[str, LazyTensor]:
 
 
 def _open_pickle(file: Path) -> dict[str, LazyTensor]:
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointFormatError(
-            f"{file}: reading PyTorch pickles needs torch, which is not installed; install torch, "
-            "or better, convert the directory to safetensors (model.safetensors), which needs no torch "
-            "and cannot run code when loaded"
-        ) from None
+    torch = import_torch(file, "PyTorch pickles", "better, convert the directory to safetensors (model.safetensors), "
+                         "which needs no torch and cannot run code when loaded")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
         raise CheckpointFormatError(f"{file}: not a loadable PyTorch state dict ({e})") from None
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{file}: holds a {type(state).__name__}, expected a state dict")
-    return {name: LazyTensor(tuple(t.shape), _torch_dtype(t), lambda t=t: _torch_to_numpy(t)) for name, t in state.items()}
+    return {name: LazyTensor(tuple(t.shape), torch_dtype(t), lambda t=t: torch_to_numpy(t)) for name, t in state.items()}
 
 
-def _torch_dtype(tensor) -> np.dtype:
+def torch_dtype(tensor) -> np.dtype:
     import torch
 
     if tensor.dtype == torch.bfloat16:
@@ -224,7 +218,7 @@ def _torch_dtype(tensor) -> np.dtype:
     return torch.empty((), dtype=tensor.dtype).numpy().dtype
 
 
-def _torch_to_numpy(tensor) -> np.ndarray:
+def torch_to_numpy(tensor) -> np.ndarray:
     """Zero-copy view of a CPU tensor; numpy has no bfloat16, so those go through int16 bits."""
     import torch
 

@@ -27,7 +27,7 @@ from ..sharding import RULES, Rules, param_shardings
 from ..vocab import VOCAB_SHA256
 from .layout import mindspore_slots
 from .mindspore_format import CheckpointFormatError
-from .npy_format import LazyTensor, atomic_directory
+from .storage import LazyTensor, atomic_directory
 
 __all__ = ["FORMAT_VERSION", "MARKER", "load_orbax", "mindspore_view", "read_orbax_config", "save_orbax"]
 
