@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import PanguConfig
-from .model import Cache, Params, param_logical_axes
+from .model import Cache, Params, is_unstacked, param_logical_axes
 
 Rules = Sequence[tuple[str, str | None]]
 
@@ -120,8 +120,6 @@ def param_shardings(config: PanguConfig, mesh: Mesh, *, unstacked: bool = False,
 
 def shard_params(config: PanguConfig, params: Params, mesh: Mesh, rules: Rules = RULES) -> Params:
     """Place `params` (stacked or unstacked) on `mesh` by the rules."""
-    from .model import is_unstacked
-
     return jax.device_put(params, param_shardings(config, mesh, unstacked=is_unstacked(params), rules=rules))
 
 
