@@ -6,6 +6,7 @@
     python infer/bench.py prefill  --model 2.6B
     python infer/bench.py ttft     --model 2.6B
     python infer/bench.py tensor-parallel --model 13B --tensor 1,2,4
+    python infer/bench.py profile  --model 2.6B --batches 1 [--mesh tensor=4]
 
 Each case runs in its own process so that peak GPU memory
 (`memory_stats()['peak_bytes_in_use']`) belongs to that case alone. Every
@@ -59,8 +60,50 @@ def measure_matmul_rate() -> float:
     return 2 * n**3 / _median_time(lambda: mm(a, b).block_until_ready(), 10)
 
 
+def profile_kernels(fn, steps: int, top: int = 25) -> dict:
+    """Trace one call of `fn` (already compiled) and sum the GPU kernels it ran, per step.
+
+    Returns the wall time per step, the summed kernel time per step (their
+    difference is the GPU waiting between kernels), the kernel count per step
+    and the `top` kernels by time. Reads the trace with `jax.profiler.ProfileData`.
+    """
+    import glob
+    import tempfile
+    from collections import defaultdict
+
+    import jax
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            wall = time.perf_counter() - start
+        data = ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    totals, counts = defaultdict(float), defaultdict(int)
+    first, last = float("inf"), 0.0
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU:0"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for event in line.events:
+                totals[event.name] += event.duration_ns
+                counts[event.name] += 1
+                first, last = min(first, event.start_ns), max(last, event.start_ns + event.duration_ns)
+    busy = sum(totals.values())
+    ranked = sorted(totals, key=totals.get, reverse=True)[:top]
+    return {
+        "wall_us_per_step": wall / steps * 1e6, "gpu_span_us_per_step": max(last - first, 0) / steps / 1e3,
+        "kernel_us_per_step": busy / steps / 1e3, "kernels_per_step": sum(counts.values()) / steps,
+        "top": [{"kernel": name[:120], "calls_per_step": counts[name] / steps,
+                 "us_per_step": totals[name] / steps / 1e3} for name in ranked],
+    }
+
+
 def _device_model(model: str, dtype: str, layout: str = "unstacked", mesh: str | None = None,
-                  weights: str = "float"):
+                  weights: str = "float", vocab: str = "replicated"):
     """Random parameters made on the device(s) leaf by leaf, in the given layout, on a mesh if asked.
 
     One small random program per distinct leaf shape: quick to compile, and
@@ -73,13 +116,14 @@ def _device_model(model: str, dtype: str, layout: str = "unstacked", mesh: str |
 
     from pangu_jax import PanguConfig
     from pangu_jax.model import abstract_params
-    from pangu_jax.sharding import make_mesh, param_shardings
+    from pangu_jax.sharding import RULES, RULES_SPLIT_VOCAB, make_mesh, param_shardings
 
     config = PanguConfig.preset(model, param_dtype=dtype, dtype=dtype, weights=weights)
+    rules = {"split": RULES_SPLIT_VOCAB, "replicated": RULES}[vocab]
     unstacked = layout == "unstacked"
     shapes = abstract_params(config, unstacked=unstacked)
     shardings = (jax.tree.map(lambda _: None, shapes) if mesh is None
-                 else param_shardings(config, make_mesh(mesh), unstacked=unstacked))
+                 else param_shardings(config, make_mesh(mesh), unstacked=unstacked, rules=rules))
 
     @functools.cache
     def maker(shape, dtype, sharding):
@@ -110,7 +154,8 @@ def _peak_bytes() -> int:
 
 
 def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repeats: int,
-                layout: str = "unstacked", mesh: str | None = None, weights: str = "float") -> dict:
+                layout: str = "unstacked", mesh: str | None = None, weights: str = "float",
+                vocab: str = "replicated") -> dict:
     """ms per new token: the median time of one compiled chunk of decode steps, over its steps.
 
     The prefill (first token) is timed apart, as the median of whole
@@ -123,7 +168,7 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
     from pangu_jax.model import init_cache
     from pangu_jax.sharding import make_mesh
 
-    config, params = _device_model(model, dtype, layout, mesh, weights)
+    config, params = _device_model(model, dtype, layout, mesh, weights, vocab)
     bandwidth = measure_copy_bandwidth()
     prompts = np.random.default_rng(0).integers(10, config.vocab_size, (batch, prompt)).tolist()
     def start():
@@ -139,12 +184,43 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
     limit = (weight_bytes + cache_bytes) / devices / bandwidth
     return {
         "case": "decode", "model": model, "dtype": dtype, "weights": weights, "batch": batch, "prompt": prompt,
-        "layout": layout, "mesh": mesh or "", "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "layout": layout, "mesh": mesh or "", "vocab": vocab, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "ms_per_token": per_token * 1e3, "tokens_per_s": batch / per_token,
         "limit_ms": limit * 1e3, "ratio_to_limit": limit / per_token,
         "first_token_ms": first * 1e3, "weight_bytes": weight_bytes, "cache_bytes": cache_bytes,
         "copy_bandwidth_GBps": bandwidth / 1e9, "peak_MiB": _peak_bytes() / 2**20,
     }
+
+
+def case_profile(model: str, dtype: str, batch: int, prompt: int, new: int, layout: str = "unstacked",
+                 mesh: str | None = None, weights: str = "float", hlo_dir: str | None = None,
+                 vocab: str = "replicated") -> dict:
+    """Where one compiled decode chunk spends its time: GPU kernels per token (see `profile_kernels`).
+
+    With `hlo_dir`, also writes the compiled decode chunk's HLO there.
+    """
+    import jax
+    import numpy as np
+
+    from pangu_jax.generate import start as start_generation
+
+    config, params = _device_model(model, dtype, layout, mesh, weights, vocab)
+    prompts = np.random.default_rng(0).integers(10, config.vocab_size, (batch, prompt)).tolist()
+    run = start_generation(config, params, prompts, new + 1, temperature=0, stop_ids=())
+    run.decode(until=None)  # compile
+    jax.block_until_ready(run.state)
+    if hlo_dir:
+        from pangu_jax.generate import _decode
+
+        lowered = _decode.lower(config, params, run.state, sampler=run.sampler, stop_ids=run.stop_ids,
+                                chunk=run.chunk, until=None)
+        name = f"decode-{model}-{dtype}-{weights}-b{batch}{'-' + mesh if mesh else ''}.hlo.txt"
+        with open(os.path.join(hlo_dir, name), "w") as f:
+            f.write(lowered.compile().as_text())
+    found = profile_kernels(lambda: (run.decode(until=None), run.state)[1], run.chunk)
+    return {"case": "profile", "model": model, "dtype": dtype, "weights": weights, "batch": batch,
+            "layout": layout, "mesh": mesh or "", "vocab": vocab, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            **found}
 
 
 def case_ttft(model: str, dtype: str, prompt: int, cache_dir: str) -> dict:
@@ -164,18 +240,42 @@ def case_ttft(model: str, dtype: str, prompt: int, cache_dir: str) -> dict:
 
 
 def case_memory(model: str, dtype: str, layout: str = "unstacked", weights: str = "float") -> dict:
-    """Peak GPU memory of a batch-1 generation that fills all 1024 positions."""
+    """Peak GPU memory of a batch-1 generation that fills all 1024 positions.
+
+    Also the peak once the weights are made and after the prefill, and the
+    temporary buffers XLA's memory analysis gives the compiled prefill and
+    decode programs: where a peak comes from. (Loading the programs from the
+    persistent compilation cache instead of compiling them here, which
+    autotunes on the device, measured the same peak.)
+    """
+    import jax
     import numpy as np
 
-    from pangu_jax import generate
+    from pangu_jax.generate import _decode
+    from pangu_jax.generate import start as start_generation
+    from pangu_jax.model import prefill
 
     config, params = _device_model(model, dtype, layout, weights=weights)
-    prompt = np.random.default_rng(0).integers(10, config.vocab_size, (1, config.max_positions - 24)).tolist()
-    generate(config, params, prompt, 24, temperature=0, stop_ids=())
+    peak_weights = _peak_bytes()
+    new = 24
+    prompt = np.random.default_rng(0).integers(10, config.vocab_size, (1, config.max_positions - new)).tolist()
+    run = start_generation(config, params, prompt, new, temperature=0, stop_ids=())
+    jax.block_until_ready(run.state)
+    peak_prefill = _peak_bytes()
+    run.decode(until=run.steps)
+    jax.block_until_ready(run.state)
+    peak = _peak_bytes()
+    tokens = np.zeros((1, config.max_positions), np.int32)
+    analysis = prefill.lower(config, params, tokens, tokens, config.max_positions + 64).compile().memory_analysis()
+    decode_analysis = _decode.lower(config, params, run.state, sampler=run.sampler, stop_ids=run.stop_ids,
+                                    chunk=run.chunk, until=run.steps).compile().memory_analysis()
     original = ORIGINAL_MIB.get(f"{model}/{dtype}")
     return {"case": "memory", "model": model, "dtype": dtype, "weights": weights, "layout": layout,
             "context": config.max_positions,
-            "peak_MiB": _peak_bytes() / 2**20, "original_MiB": original}
+            "peak_MiB": peak / 2**20, "weights_MiB": _tree_bytes(params) / 2**20,
+            "peak_making_weights_MiB": peak_weights / 2**20, "peak_after_prefill_MiB": peak_prefill / 2**20,
+            "prefill_temp_MiB": getattr(analysis, "temp_size_in_bytes", 0) / 2**20,
+            "decode_temp_MiB": getattr(decode_analysis, "temp_size_in_bytes", 0) / 2**20, "original_MiB": original}
 
 
 def case_recompute(model: str, dtype: str, repeats: int) -> dict:
@@ -240,7 +340,7 @@ def case_hf(model: str, batch: int, new: int, repeats: int) -> dict:
             "ms_per_token": per_token * 1e3, "tokens_per_s": batch / per_token, "torch": torch.__version__}
 
 
-CASES = {"decode": case_decode, "memory": case_memory, "recompute": case_recompute,
+CASES = {"decode": case_decode, "profile": case_profile, "memory": case_memory, "recompute": case_recompute,
          "prefill": case_prefill, "hf": case_hf, "ttft": case_ttft}
 
 
@@ -281,15 +381,20 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(CASES[argv[1]](**json.loads(argv[2]))))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", choices=["decode", "baselines", "throughput", "prefill", "ttft", "tensor-parallel"])
+    p.add_argument("table", choices=["decode", "profile", "baselines", "throughput", "prefill", "ttft", "tensor-parallel"])
     p.add_argument("--model", default="2.6B")
     p.add_argument("--dtypes", default="float16,bfloat16")
     p.add_argument("--batches", default="8,32,64")
     p.add_argument("--hf-batches", help="throughput table: batches for the HuggingFace baseline (default: --batches)")
     p.add_argument("--layouts", default="unstacked", help="decode table: unstacked and/or stacked")
     p.add_argument("--tensor", default="1,2,4", help="tensor-parallel table: mesh sizes")
+    p.add_argument("--mesh", help="profile table: a mesh such as tensor=4")
+    p.add_argument("--vocab", choices=["split", "replicated"], default="replicated",
+                   help="on a mesh: the embedding/head replicated (sharding.RULES) or split over `tensor`")
+    p.add_argument("--dump-hlo", help="profile table: write each compiled decode chunk's HLO into this folder")
     p.add_argument("--xla-flags", help="extra XLA_FLAGS for every case")
     p.add_argument("--weights", default="float", help="decode table: float and/or int8")
+    p.add_argument("--memory-dtypes", help="decode table: dtypes of the peak-memory cases (default --dtypes; '' none)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="append the rows to this JSON file")
@@ -302,10 +407,21 @@ def main(argv: list[str] | None = None) -> None:
         rows = [_run_case("decode", flags, model=args.model, dtype=d, batch=1, prompt=16, new=args.new_tokens,
                           repeats=args.repeats, layout=lay, weights=w)
                 for w in args.weights.split(",") for lay in args.layouts.split(",") for d in dtypes]
+        memory_dtypes = dtypes if args.memory_dtypes is None else list(filter(None, args.memory_dtypes.split(",")))
         rows += [_run_case("memory", flags, model=args.model, dtype=d, weights=w)
-                 for w in args.weights.split(",") for d in dtypes]
+                 for w in args.weights.split(",") for d in memory_dtypes]
         cols = ["case", "model", "dtype", "weights", "layout", "batch", "ms_per_token", "tokens_per_s", "limit_ms",
-                "ratio_to_limit", "copy_bandwidth_GBps", "peak_MiB", "original_MiB", "error"]
+                "ratio_to_limit", "copy_bandwidth_GBps", "peak_MiB", "peak_after_prefill_MiB", "prefill_temp_MiB",
+                "decode_temp_MiB", "original_MiB", "error"]
+    elif args.table == "profile":
+        rows = [_run_case("profile", flags, model=args.model, dtype=dtypes[0], batch=b, prompt=16, new=args.new_tokens,
+                          weights=w, mesh=args.mesh, hlo_dir=args.dump_hlo, vocab=args.vocab)
+                for w in args.weights.split(",") for b in batches]
+        for row in rows:
+            _print_table(f"top kernels per token: {row.get('model')} {row.get('weights')} batch {row.get('batch')}",
+                         row.get("top", []), ["kernel", "calls_per_step", "us_per_step"])
+        cols = ["case", "model", "dtype", "weights", "batch", "mesh", "wall_us_per_step", "gpu_span_us_per_step",
+                "kernel_us_per_step", "kernels_per_step", "error"]
     elif args.table == "baselines":
         rows = [_run_case("recompute", flags, model=args.model, dtype="float16", repeats=args.repeats),
                 _run_case("hf", model=args.model, batch=1, new=args.new_tokens, repeats=3)]
@@ -327,13 +443,13 @@ def main(argv: list[str] | None = None) -> None:
         cols = ["case", "model", "dtype", "prompt", "compilation_cache", "first_token_s", "error"]
     elif args.table == "tensor-parallel":
         rows = [_run_case("decode", flags, model=args.model, dtype=dtypes[0], batch=1, prompt=16,
-                          new=args.new_tokens, repeats=args.repeats, mesh=f"tensor={n}")
+                          new=args.new_tokens, repeats=args.repeats, mesh=f"tensor={n}", vocab=args.vocab)
                 for n in map(int, args.tensor.split(","))]
         base = rows[0].get("ms_per_token")
         for n, row in zip(map(int, args.tensor.split(",")), rows):
             if base and "ms_per_token" in row:
                 row["scaling_efficiency"] = base / (n * row["ms_per_token"])
-        cols = ["case", "model", "dtype", "mesh", "ms_per_token", "limit_ms", "ratio_to_limit",
+        cols = ["case", "model", "dtype", "mesh", "vocab", "xla_flags", "ms_per_token", "limit_ms", "ratio_to_limit",
                 "scaling_efficiency", "peak_MiB", "error"]
     else:
         rows = [_run_case("prefill", flags, model=args.model, dtype=d, repeats=args.repeats) for d in dtypes]

@@ -20,10 +20,10 @@ from .model import Params, is_unstacked
 
 # Each quantized matrix -> the dims of its output channels (in the per-layer shape).
 BLOCK_MATRICES: dict[tuple[str, str], tuple[int, ...]] = {
-    ("attention", "query_kernel"): (1, 2),
-    ("attention", "key_kernel"): (1, 2),
-    ("attention", "value_kernel"): (1, 2),
-    ("attention", "output_kernel"): (2,),
+    ("attention", "query_kernel"): (0, 1),
+    ("attention", "key_kernel"): (0, 1),
+    ("attention", "value_kernel"): (0, 1),
+    ("attention", "output_kernel"): (0,),
     ("mlp", "up_kernel"): (1,),
     ("mlp", "down_kernel"): (1,),
 }

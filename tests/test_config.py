@@ -26,7 +26,7 @@ def test_big_presets_have_the_right_shapes_without_allocating(name):
     shapes = abstract_params(config)
     assert sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)) == config.num_params()
     h, n, d = config.hidden_size, config.num_heads, config.head_dim
-    assert shapes["blocks"]["attention"]["query_kernel"].shape == (config.num_layers - 1, h, n, d)
+    assert shapes["blocks"]["attention"]["query_kernel"].shape == (config.num_layers - 1, n, d, h)
     assert shapes["top_query_layer"]["mlp"]["up_kernel"].shape == (h, 4 * h)
     assert shapes["word_embedding"].shape == (40000, h)
 
@@ -37,7 +37,7 @@ def test_logical_axes_name_every_parameter_dimension():
     for spec, shape in zip(jax.tree_util.tree_leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
                            jax.tree_util.tree_leaves(shapes)):
         assert len(spec) == len(shape.shape)
-    assert axes["blocks"]["attention"]["query_kernel"] == jax.sharding.PartitionSpec("layers", "embed", "heads", "kv")
+    assert axes["blocks"]["attention"]["query_kernel"] == jax.sharding.PartitionSpec("layers", "heads", "kv", "embed")
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -107,6 +107,7 @@ def test_cli_errors_are_one_line(cli, tmp_path, capsys):
     ("hf", "hf", lambda mp: mp.setattr(hf_format, "_write_at", _fail_on_call(20, hf_format._write_at))),
     ("mindspore", "out.ckpt", lambda mp: mp.setattr(conversion, "_target_dtype", lambda *a: np.dtype("complex64"))),
     ("orbax", "store", lambda mp: mp.setattr(orbax_store.PanguConfig, "to_json", _fail_on_call(1, None))),
+    ("orbax", "store", lambda mp: mp.setattr(orbax_store, "_save_piece", _fail_on_call(5, orbax_store._save_piece))),
 ])
 def test_failed_conversion_leaves_existing_dst_and_no_temp(tmp_path, monkeypatch, to, target, patch):
     dst = tmp_path / target
@@ -120,6 +121,33 @@ def test_failed_conversion_leaves_existing_dst_and_no_temp(tmp_path, monkeypatch
         convert(FP32, dst, to=to, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [target]
     assert (dst.read_bytes() if to == "mindspore" else (dst / "old.txt").read_bytes()) == b"old"
+
+
+def test_orbax_conversion_writes_each_leaf_before_reading_the_next(tmp_path, monkeypatch):
+    """The host holds one leaf of the tree at a time: only its own tensors are read before it is written."""
+    events = []
+    tick, save_piece = conversion._Progress.tick, orbax_store._save_piece
+
+    def reading(self, nbytes):
+        events.append("read")
+        tick(self, nbytes)
+
+    def writing(checkpointer, directory, key, value):
+        events.append(key)
+        save_piece(checkpointer, directory, key, value)
+
+    monkeypatch.setattr(conversion._Progress, "tick", reading)
+    monkeypatch.setattr(orbax_store, "_save_piece", writing)
+    convert(FP32, tmp_path / "store", progress=False)
+    reads, runs = 0, []
+    for event in events:
+        if event == "read":
+            reads += 1
+        else:
+            runs.append((event[0], reads))
+            reads = 0
+    assert reads == 0 and len(runs) == 37 and sum(n for _, n in runs) == 53
+    assert all(n == (2 if group == "blocks" else 1) for group, n in runs)  # two stacked blocks in the fixture
 
 
 def test_failed_conversion_to_a_new_dst_leaves_nothing(tmp_path, monkeypatch):

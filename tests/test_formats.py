@@ -22,7 +22,8 @@ from pangu_jax.checkpoints import CheckpointFormatError, CheckpointMismatchError
 from pangu_jax.checkpoints.convert import convert
 from pangu_jax.checkpoints.hf_format import read_hf
 from pangu_jax.checkpoints.mindspore_format import read_mindspore_index
-from pangu_jax.checkpoints.orbax_store import load_orbax
+from pangu_jax.checkpoints.orbax_store import load_orbax, save_orbax
+from pangu_jax.sharding import make_mesh
 from tests.conftest import FIXTURES, max_logit_error
 from tests.fuzzing import mutate, mutation
 
@@ -249,7 +250,7 @@ def test_npy_refuses_bfloat16_and_leaves_nothing(tmp_path):
 def test_orbax_store_records_config_and_tokenizer(tmp_path, sequences):
     convert(FP32, tmp_path / "store", progress=False)
     marker = json.loads((tmp_path / "store" / "pangu_jax.json").read_text())
-    assert marker["format_version"] == 1
+    assert marker["format_version"] == 2
     assert marker["tokenizer"] == {"vocab_sha256": "18857e86783e50cfcaa0bc3c043fb4e9b5f240b885d2870ea593ee69b44f7a3a",
                                    "eod_id": 8, "eot_id": 9, "pad_id": 6}
     assert max_logit_error(tmp_path / "store", sequences) < 1e-4
@@ -266,38 +267,130 @@ def test_orbax_store_refuses_other_versions_and_unknown_mesh_axes(tmp_path):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     with pytest.raises(ValueError, match=r"rules name mesh axes \['tensor'\], but the mesh has \['data'\]"):
         load_orbax(tmp_path / "store", mesh=mesh)
-    (tmp_path / "store" / "pangu_jax.json").write_text(json.dumps({"format_version": 2}))
-    with pytest.raises(CheckpointFormatError, match="format_version 2; this version reads 1"):
+    (tmp_path / "store" / "pangu_jax.json").write_text(json.dumps({"format_version": 3}))
+    with pytest.raises(CheckpointFormatError, match="format_version 3; this version reads 1 and 2"):
         load_checkpoint(tmp_path / "store")
+
+
+def _names(params) -> list[str]:
+    return [".".join(k.key for k in keys) for keys, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def test_orbax_store_holds_one_piece_per_leaf_and_save_orbax_writes_the_same(tmp_path):
+    convert(FP32, tmp_path / "store", progress=False)
+    config, params = load_orbax(tmp_path / "store")
+    assert sorted(p.name for p in (tmp_path / "store" / "params").iterdir()) == sorted(_names(params))
+    save_orbax(tmp_path / "again", config, params)
+    assert sorted(p.name for p in (tmp_path / "again" / "params").iterdir()) == sorted(_names(params))
+    again_config, again = load_orbax(tmp_path / "again")
+    assert again_config == config
+    for a, b in zip(_leaves(params), _leaves(again)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_save_orbax_refuses_a_tree_the_config_does_not_describe(tmp_path):
+    convert(FP32, tmp_path / "store", progress=False)
+    config, params = load_orbax(tmp_path / "store")
+    wrong = {**params, "word_embedding": params["word_embedding"][:-1]}
+    with pytest.raises(ValueError, match=r"word_embedding: float32\[999, 64\] given, the config describes "
+                                         r"float32\[1000, 64\]"):
+        save_orbax(tmp_path / "wrong", config, wrong)
+    partial = {**params, "final_ln": {"scale": params["final_ln"]["scale"]}}
+    with pytest.raises(ValueError, match=r"no array given for final_ln\.bias of the tree the config describes"):
+        save_orbax(tmp_path / "partial", config, partial)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_orbax_store_names_a_missing_or_corrupt_piece(tmp_path):
+    convert(FP32, tmp_path / "store", progress=False)
+    params = tmp_path / "store" / "params"
+    for data in (params / "word_embedding" / "d").iterdir():
+        data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(CheckpointFormatError, match=r"params/word_embedding: cannot restore tensor word_embedding "
+                                                    r"as float32\[1000, 64\]"):
+        load_checkpoint(tmp_path / "store")
+    shutil.rmtree(params / "blocks.mlp.up_kernel")
+    with pytest.raises(CheckpointFormatError, match=r"params/blocks\.mlp\.up_kernel: cannot restore tensor "
+                                                    r"blocks\.mlp\.up_kernel as float16\[2, 64, 256\] \(.*not found"):
+        load_orbax(tmp_path / "store", dtype="float16")
+
+
+def test_orbax_still_reads_version_1_stores(tmp_path):
+    """Version 1 kept the whole tree in one orbax checkpoint under params/; one is written here as it was then."""
+    import orbax.checkpoint as ocp
+
+    from pangu_jax.checkpoints.orbax_store import V1_ATTENTION
+
+    convert(FP32, tmp_path / "v2", progress=False)
+    config, params = load_orbax(tmp_path / "v2")
+    old = tmp_path / "v1"
+    old.mkdir()
+
+    def as_v1(path, leaf):  # the attention matrices input first, as version 1 held them
+        name = path[-1].key
+        if name not in V1_ATTENTION:
+            return leaf
+        lead = leaf.ndim - 3
+        return jnp.transpose(leaf, tuple(range(lead)) + tuple(lead + i for i in np.argsort(V1_ATTENTION[name])))
+
+    v1 = jax.tree_util.tree_map_with_path(as_v1, params)
+    assert v1["blocks"]["attention"]["query_kernel"].shape == (2, 64, 4, 16)
+    assert v1["top_query_layer"]["attention"]["output_kernel"].shape == (4, 16, 64)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(old / "params", v1)
+        checkpointer.wait_until_finished()
+    shutil.copy(tmp_path / "v2" / "config.json", old / "config.json")
+    marker = json.loads((tmp_path / "v2" / "pangu_jax.json").read_text())
+    (old / "pangu_jax.json").write_text(json.dumps({**marker, "format_version": 1}))
+    assert detect_format(old) == "orbax"
+    old_config, restored = load_checkpoint(old)
+    assert old_config == config
+    for a, b in zip(_leaves(params), _leaves(restored)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    _, half = load_orbax(old, dtype="float16")
+    assert half["word_embedding"].dtype == jnp.float16 and half["final_ln"]["scale"].dtype == jnp.float32
+    _, placed = load_orbax(old, mesh=make_mesh("tensor=1"))  # the permuted shardings of the old layout
+    for a, b in zip(_leaves(params), _leaves(placed)):
+        np.testing.assert_array_equal(a, b)
+    shutil.rmtree(old / "params")
+    with pytest.raises(CheckpointFormatError, match=r"v1/params: cannot restore the tree of config\.json "
+                                                    r"\(.*not found"):
+        load_orbax(old)
 
 
 _MESH_SCRIPT = """
 import sys
 import jax, numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
-from pangu_jax.checkpoints.orbax_store import load_orbax
+from pangu_jax.checkpoints.orbax_store import load_orbax, save_orbax
+from pangu_jax.sharding import make_mesh
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tensor"))
 config, sharded = load_orbax(sys.argv[1], mesh=mesh)
 _, plain = load_orbax(sys.argv[1])
 query = sharded["blocks"]["attention"]["query_kernel"]
-assert query.sharding.spec == P(None, None, "tensor", None), query.sharding.spec
-assert {s.data.shape for s in query.addressable_shards} == {(2, 64, 1, 16)}
+assert query.sharding.spec == P(None, "tensor", None, None), query.sharding.spec
+assert {s.data.shape for s in query.addressable_shards} == {(2, 1, 16, 64)}
 assert sharded["top_query_layer"]["mlp"]["up_kernel"].sharding.spec == P(None, "tensor")
-assert sharded["word_embedding"].sharding.spec == P("tensor", None)
+assert sharded["word_embedding"].sharding.spec == P(None, None)  # replicated by default
 for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-print("restored into", len(jax.devices()), "devices")
+save_orbax(sys.argv[2], config, sharded)
+for a, b in zip(jax.tree.leaves(load_orbax(sys.argv[2])[1]), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print("restored into", len(jax.devices()), "devices and saved from them")
 """
 
 
-def test_orbax_restores_straight_into_a_mesh(tmp_path):
+def test_orbax_restores_straight_into_a_mesh_and_saves_from_it(tmp_path):
     """Eight fake CPU devices need XLA_FLAGS before jax starts, hence the subprocess."""
     convert(FP32, tmp_path / "store", progress=False)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(tmp_path / "store")], env=env,
-                            cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(tmp_path / "store"), str(tmp_path / "again")],
+                            env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "restored into 8 devices" in result.stdout
+    assert "restored into 8 devices and saved from them" in result.stdout
 
 
 # --- fuzzing the safetensors reader ------------------------------------------------------

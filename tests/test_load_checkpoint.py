@@ -26,7 +26,7 @@ def _rewrite(tmp_path, edit):
 def test_preset_is_inferred_from_the_shapes():
     config, params = load_checkpoint(FP32)
     assert config == PanguConfig.preset("tiny")
-    assert params["blocks"]["attention"]["query_kernel"].shape == (2, 64, 4, 16)
+    assert params["blocks"]["attention"]["query_kernel"].shape == (2, 4, 16, 64)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

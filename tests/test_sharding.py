@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from pangu_jax import PanguConfig
-from pangu_jax.sharding import RULES, RULES_REPLICATED_VOCAB, check_mesh, make_mesh, parse_mesh_shape
+from pangu_jax.sharding import RULES, RULES_SPLIT_VOCAB, check_mesh, make_mesh, parse_mesh_shape
 
 _SCRIPT = r"""
 import sys
@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from pangu_jax import generate, forward, load_checkpoint
 from pangu_jax.model import unstack_layers
 from pangu_jax.quantize import quantize_params
-from pangu_jax.sharding import make_mesh, shard_params, RULES_REPLICATED_VOCAB
+from pangu_jax.sharding import make_mesh, shard_params, RULES_SPLIT_VOCAB
 
 assert jax.device_count() == 8
 config, params = load_checkpoint(sys.argv[1])
@@ -43,15 +43,15 @@ for shape, tree in [("tensor=4", layers), ("data=2,tensor=4", layers), ("data=2,
 mesh = make_mesh("data=2,tensor=4")
 _, loaded = load_checkpoint(sys.argv[1], mesh=mesh, unstacked=True)
 query = loaded["blocks"]["0"]["attention"]["query_kernel"]
-assert query.sharding.spec == P(None, "tensor", None), query.sharding.spec
+assert query.sharding.spec == P("tensor", None, None), query.sharding.spec
 assert loaded["blocks"]["0"]["mlp"]["down_kernel"].sharding.spec == P("tensor", None)
-assert loaded["word_embedding"].sharding.spec == P("tensor", None)
+assert loaded["word_embedding"].sharding.is_fully_replicated
 assert generate(config, loaded, prompts, 8, **sampled) == want_sampled
 print("sampled equal on data=2,tensor=4")
 
-replicated = shard_params(config, layers, make_mesh("tensor=4"), rules=RULES_REPLICATED_VOCAB)
-assert replicated["word_embedding"].sharding.is_fully_replicated
-assert generate(config, replicated, prompts, 8, temperature=0, stop_ids=()) == want
+split = shard_params(config, layers, make_mesh("tensor=4"), rules=RULES_SPLIT_VOCAB)
+assert split["word_embedding"].sharding.spec == P("tensor", None)
+assert generate(config, split, prompts, 8, temperature=0, stop_ids=(), rules=RULES_SPLIT_VOCAB) == want
 
 config8, int8 = quantize_params(config, layers)
 want8 = generate(config8, int8, prompts, 8, temperature=0, stop_ids=())
@@ -100,7 +100,7 @@ class _FakeMesh:
     (PanguConfig.preset("tiny"), dict(data=1, tensor=8),
      r"cannot split heads \(4\) over mesh axis 'tensor' of size 8: 4 is not a multiple of 8"),
     (PanguConfig.preset("13B", vocab_size=40001), dict(data=1, tensor=4),
-     r"cannot split vocab \(40001\) over mesh axis 'tensor' of size 4.*RULES_REPLICATED_VOCAB"),
+     r"cannot split vocab \(40001\) over mesh axis 'tensor' of size 4.*replicate the vocabulary"),
     (PanguConfig.preset("tiny", ffn_size=250), dict(data=1, tensor=4),
      r"cannot split mlp \(250\) over mesh axis 'tensor' of size 4"),
     (PanguConfig.preset("tiny"), dict(data=2),
@@ -108,11 +108,11 @@ class _FakeMesh:
 ])
 def test_meshes_that_do_not_divide_the_model_are_refused(config, shape, message):
     with pytest.raises(ValueError, match=message):
-        check_mesh(config, _FakeMesh(**shape), RULES)
+        check_mesh(config, _FakeMesh(**shape), RULES_SPLIT_VOCAB)
 
 
 def test_replicated_vocabulary_needs_no_divisible_vocab():
-    check_mesh(PanguConfig.preset("13B", vocab_size=40001), _FakeMesh(data=1, tensor=4), RULES_REPLICATED_VOCAB)
+    check_mesh(PanguConfig.preset("13B", vocab_size=40001), _FakeMesh(data=1, tensor=4), RULES)
 
 
 def test_one_device_mesh_runs_the_model_unchanged(tiny_fp32):

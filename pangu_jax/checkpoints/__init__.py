@@ -3,7 +3,7 @@
 from .convert import detect_format, load_checkpoint
 from .loader import CheckpointMismatchError
 from .mindspore_format import CheckpointFormatError
-from .orbax_store import load_orbax, save_orbax
+from .orbax_store import load_orbax, save_orbax, save_orbax_stream
 
 __all__ = [
     "CheckpointFormatError",
@@ -12,4 +12,5 @@ __all__ = [
     "load_checkpoint",
     "load_orbax",
     "save_orbax",
+    "save_orbax_stream",
 ]

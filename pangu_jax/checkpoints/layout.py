@@ -46,20 +46,20 @@ def _merge_heads(x, c):
     return x.reshape(c.hidden_size)
 
 
-def _qkv_in(x, c):  # stored [out, in] -> [in, N, D]
-    return x.T.reshape(c.hidden_size, c.num_heads, c.head_dim)
-
-
-def _qkv_out(x, c):
-    return x.reshape(c.hidden_size, c.hidden_size).T
-
-
-def _proj_in(x, c):  # stored [in, out] with in = N*D -> [N, D, out]
+def _qkv_in(x, c):  # stored [out, in] with out = N*D -> [N, D, in]
     return x.reshape(c.num_heads, c.head_dim, c.hidden_size)
 
 
-def _proj_out(x, c):
+def _qkv_out(x, c):
     return x.reshape(c.hidden_size, c.hidden_size)
+
+
+def _proj_in(x, c):  # stored [in, out] with in = N*D -> [out, N, D]
+    return x.T.reshape(c.hidden_size, c.num_heads, c.head_dim)
+
+
+def _proj_out(x, c):
+    return x.reshape(c.hidden_size, c.hidden_size).T
 
 
 def _block_entries(c: PanguConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], Transform, Transform]]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -14,6 +15,9 @@ from ..model import unstack_layers
 from ..quantize import quantize_params
 from ..sharding import RULES, Rules, param_shardings
 from .layout import Slot, count_blocks, is_layernorm, is_training_state, mindspore_slots
+
+
+TreePath = tuple[str, ...]  # keys from the root of the parameter tree to a leaf
 
 
 class StoredTensor(Protocol):
@@ -79,19 +83,36 @@ def check_tensors(source: str, tensors: Mapping[str, StoredTensor], slots: dict[
         )
 
 
-def _empty_tree(config: PanguConfig, slots: dict[str, Slot], dtype: np.dtype) -> dict:
-    tree: dict = {}
+def iter_leaves(tensors: Mapping[str, StoredTensor], config: PanguConfig) -> Iterator[tuple[TreePath, np.ndarray]]:
+    """Each leaf of the tree `config` describes, as (tree path, array), built from its tensors when drawn.
+
+    Leaves come in `config.param_dtype` (LayerNorm in float32). The generator
+    keeps no leaf it has yielded, so a consumer that writes and drops each
+    one holds a single leaf (the largest: a stacked blocks matrix).
+    """
+    target = np.dtype(DTYPES[config.param_dtype])
+    for path, group in _slots_by_leaf(mindspore_slots(config)).items():
+        yield path, _build_leaf(group, tensors, config, np.dtype(np.float32) if is_layernorm(path) else target)
+
+
+def _slots_by_leaf(slots: dict[str, Slot]) -> dict[TreePath, list[Slot]]:
+    """The slots of each leaf: one, or one per block (in layer order) for a stacked leaf."""
+    leaves: dict[TreePath, list[Slot]] = {}
     for slot in slots.values():
-        if slot.layer not in (None, 0):
-            continue
-        shape = slot.to_ours(np.empty(slot.stored_shape, np.uint8), config).shape
-        if slot.layer == 0:
-            shape = (config.num_blocks, *shape)
-        node = tree
-        for key in slot.path[:-1]:
-            node = node.setdefault(key, {})
-        node[slot.path[-1]] = np.empty(shape, np.float32 if is_layernorm(slot.path) else dtype)
-    return tree
+        leaves.setdefault(slot.path, []).append(slot)
+    return leaves
+
+
+def _build_leaf(group: list[Slot], tensors: Mapping[str, StoredTensor], config: PanguConfig,
+                dtype: np.dtype) -> np.ndarray:
+    first = group[0]
+    if first.layer is None:
+        return np.array(first.to_ours(np.asarray(tensors[first.name].data), config), dtype, order="C")
+    shape = first.to_ours(np.empty(first.stored_shape, np.uint8), config).shape
+    leaf = np.empty((len(group), *shape), dtype)
+    for slot in group:
+        leaf[slot.layer] = slot.to_ours(np.asarray(tensors[slot.name].data), config)
+    return leaf
 
 
 def assemble_params(
@@ -126,18 +147,12 @@ def assemble_params(
     slots = mindspore_slots(config)
     check_tensors(source, tensors, slots, config)
 
-    target = np.dtype(DTYPES[dtype])
-    tree = _empty_tree(config, slots, target)
-    for name, slot in slots.items():
+    tree: dict = {}
+    for path, leaf in iter_leaves(tensors, config):
         node = tree
-        for key in slot.path[:-1]:
-            node = node[key]
-        leaf = node[slot.path[-1]]
-        value = slot.to_ours(np.asarray(tensors[name].data), config)
-        if slot.layer is None:
-            leaf[...] = value
-        else:
-            leaf[slot.layer] = value
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
     if unstacked:
         tree = unstack_layers(tree)
     if int8:

@@ -1,69 +1,163 @@
-"""Our native checkpoint: the parameter tree saved by orbax, beside its config.
+"""Our native checkpoint: the parameter tree saved by orbax a leaf at a time, beside its config.
 
-A store is a directory::
+A store (format version 2) is a directory::
 
-    params/         the parameter tree (orbax StandardCheckpointer)
+    params/         one orbax checkpoint per leaf of the tree, named by its path
+                    ("word_embedding", "blocks.mlp.up_kernel", ...; the blocks'
+                    leaves are stacked [layers, ...])
     config.json     PanguConfig.to_json()
     pangu_jax.json  format version and the tokenizer it was trained with
 
-It is restored from abstract shapes, so each array can go straight into its
-shards on a device mesh without ever being whole on one device.
+Orbax saves what it is handed as one unit and keeps host copies of all of
+it until the end; writing a leaf at a time lets a conversion build, write and
+drop each leaf in turn, so the host never holds the whole model, only its
+largest leaf (a stacked blocks matrix). Version 1 stores, whose params/ is
+one orbax checkpoint of the whole tree, are still read.
+
+A store is restored from abstract shapes, so each array can go straight into
+its shards on a device mesh without ever being whole on one device.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from ..config import DTYPES, PanguConfig
 from ..model import abstract_params
 from ..sharding import RULES, Rules, param_shardings
 from ..vocab import VOCAB_SHA256
 from .layout import mindspore_slots
+from .loader import TreePath
 from .mindspore_format import CheckpointFormatError
 from .storage import LazyTensor, atomic_directory
 
-__all__ = ["FORMAT_VERSION", "MARKER", "load_orbax", "mindspore_view", "read_orbax_config", "save_orbax"]
+__all__ = ["FORMAT_VERSION", "MARKER", "load_orbax", "mindspore_view", "read_orbax_config", "save_orbax",
+           "save_orbax_stream"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MARKER = "pangu_jax.json"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+WRITE_CHUNK_BYTES = 64 << 20  # the unit tensorstore encodes and writes a leaf in
 TOKENIZER = {"vocab_sha256": VOCAB_SHA256, "eod_id": 8, "eot_id": 9, "pad_id": 6}
+
 
 def save_orbax(path: str | os.PathLike, config: PanguConfig, params: Mapping) -> None:
     """Save `params` (the tree `config` describes) as a store at `path`, atomically."""
-    path = Path(path).absolute()
-    with atomic_directory(path) as tmp:
-        import orbax.checkpoint as ocp
+    save_orbax_stream(path, config, _flatten(params).items())
 
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / PARAMS_DIR, params)
-            checkpointer.wait_until_finished()
-        (tmp / CONFIG_FILE).write_text(config.to_json() + "\n", encoding="utf-8")
-        marker = {"format": "pangu_jax", "format_version": FORMAT_VERSION, "tokenizer": TOKENIZER}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+def save_orbax_stream(path: str | os.PathLike, config: PanguConfig,
+                      leaves: Iterable[tuple[TreePath, jax.Array | np.ndarray]]) -> None:
+    """Save the tree `config` describes from (tree path, array) pairs, each written before the next is drawn.
+
+    Every leaf must come exactly once, in any order. A numpy leaf is written
+    as it is, without a copy, so the host holds one leaf (plus a few write
+    chunks) as long as the iterator keeps no reference to what it yielded; a
+    device array is copied to the host first, as orbax does. On any failure
+    nothing is left at `path` (an existing store stays as it was).
+    """
+    expected = _flatten(abstract_params(config))
+    path = Path(path).absolute()
+    with atomic_directory(path) as tmp, _piece_writer() as checkpointer:
+        (tmp / PARAMS_DIR).mkdir()
+        for key, value in leaves:
+            _check_leaf(key, value, expected)
+            _save_piece(checkpointer, tmp / PARAMS_DIR, key, value)
+            del expected[key]
+            del value  # before the iterator builds the next leaf
+        if expected:
+            raise ValueError(f"no array given for {_listing(list(expected))} of the tree the config describes")
+        _write_metadata(tmp, config)
+
+
+def _flatten(tree: Mapping) -> dict[TreePath, object]:
+    """{tree path: leaf}, in the tree's order."""
+    return {tuple(k.key for k in keys): leaf for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_leaf(key: TreePath, value, expected: dict) -> None:
+    name = _piece_name(key)
+    if key not in expected:
+        raise ValueError(f"{name}: not a leaf of the tree the config describes, or given twice")
+    want = expected[key]
+    if tuple(value.shape) != tuple(want.shape) or np.dtype(value.dtype) != np.dtype(want.dtype):
+        raise ValueError(f"{name}: {value.dtype}{list(value.shape)} given, the config describes "
+                         f"{want.dtype}{list(want.shape)}")
+
+
+def _piece_writer():
+    """A synchronous orbax checkpointer that writes numpy arrays without copying them first.
+
+    Orbax copies a numpy array before an asynchronous save, in case the caller
+    changes it meanwhile; this save returns only once the piece is written.
+    """
+    import orbax.checkpoint as ocp
+
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+    )
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+
+
+def _save_piece(checkpointer, params_dir: Path, key: TreePath, value) -> None:
+    """One leaf as its own orbax checkpoint, streamed to disk in chunks.
+
+    By default a leaf is a single chunk in a single OCDBT data file, encoded
+    whole in memory before any of it is written; with chunks and data files
+    of WRITE_CHUNK_BYTES tensorstore writes and frees it a chunk at a time.
+    """
+    import orbax.checkpoint as ocp
+
+    name = _piece_name(key)
+    chunked = {name: ocp.SaveArgs(chunk_byte_size=WRITE_CHUNK_BYTES)}
+    checkpointer.save(params_dir / name, args=ocp.args.PyTreeSave(
+        {name: value}, save_args=chunked, ocdbt_target_data_file_size=WRITE_CHUNK_BYTES))
+
+
+def _piece_name(key: TreePath) -> str:
+    return ".".join(key)
+
+
+def _listing(keys: list[TreePath], limit: int = 6) -> str:
+    shown = ", ".join(_piece_name(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _write_metadata(directory: Path, config: PanguConfig) -> None:
+    (directory / CONFIG_FILE).write_text(config.to_json() + "\n", encoding="utf-8")
+    marker = {"format": "pangu_jax", "format_version": FORMAT_VERSION, "tokenizer": TOKENIZER}
+    (directory / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
 def read_orbax_config(path: str | os.PathLike) -> PanguConfig:
     """The stored config, after checking the format version."""
-    path = Path(path)
+    return _read_store(Path(path))[0]
+
+
+def _read_store(path: Path) -> tuple[PanguConfig, int]:
+    """(config, format version) of a store whose version this code reads."""
     try:
         marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
         config = PanguConfig.from_json(path / CONFIG_FILE)
     except (OSError, ValueError) as e:
         raise CheckpointFormatError(f"{path}: not a readable pangu_jax store ({e})") from None
-    if marker.get("format_version") != FORMAT_VERSION:
-        raise CheckpointFormatError(
-            f"{path / MARKER}: format_version {marker.get('format_version')!r}; this version reads {FORMAT_VERSION}"
-        )
-    return config
+    version = marker.get("format_version")
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
+        raise CheckpointFormatError(f"{path / MARKER}: format_version {version!r}; this version reads {readable}")
+    return config, version
 
 
 def load_orbax(
@@ -79,7 +173,7 @@ def load_orbax(
     get under `rules` (`sharding.RULES` by default).
     """
     path = Path(path).absolute()
-    config = read_orbax_config(path)
+    config, version = _read_store(path)
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
@@ -91,11 +185,69 @@ def load_orbax(
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as checkpointer:
-        try:
-            params = checkpointer.restore(path / PARAMS_DIR, target)
-        except (ValueError, FileNotFoundError) as e:
-            raise CheckpointFormatError(f"{path / PARAMS_DIR}: cannot restore the tree of {CONFIG_FILE} ({e})") from None
-    return config, params
+        restore = _restore_tree if version == 1 else _restore_pieces
+        return config, restore(checkpointer, path / PARAMS_DIR, target)
+
+
+# Version 1 stored the attention matrices input first: query/key/value
+# [embed, heads, head_dim], output [heads, head_dim, embed]. Version 2 stores
+# them output first, as the model now holds them; each maps by a permutation
+# of its last three dims (new = old.transpose(...)).
+V1_ATTENTION = {"query_kernel": (1, 2, 0), "key_kernel": (1, 2, 0), "value_kernel": (1, 2, 0),
+                "output_kernel": (2, 0, 1)}
+
+
+def _v1_permutation(key: TreePath, ndim: int) -> tuple[int, ...] | None:
+    """The transpose taking this leaf from its version-1 layout to ours, or None if it did not change."""
+    if len(key) < 2 or key[-2] != "attention" or key[-1] not in V1_ATTENTION:
+        return None
+    lead = ndim - 3  # the stacked blocks' layers axis
+    return tuple(range(lead)) + tuple(lead + p for p in V1_ATTENTION[key[-1]])
+
+
+def _as_stored_in_v1(spec: jax.ShapeDtypeStruct, perm: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    inverse = np.argsort(perm)
+    sharding = spec.sharding
+    if isinstance(sharding, NamedSharding):
+        names = tuple(sharding.spec) + (None,) * (len(perm) - len(sharding.spec))
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*(names[i] for i in inverse)))
+    return jax.ShapeDtypeStruct(tuple(spec.shape[i] for i in inverse), spec.dtype, sharding=sharding)
+
+
+def _restore_tree(checkpointer, params_dir: Path, target: dict) -> dict:
+    """Version 1: the whole tree is one orbax checkpoint, attention matrices input first."""
+    specs = _flatten(target)
+    perms = {key: _v1_permutation(key, len(spec.shape)) for key, spec in specs.items()}
+    stored = {key: spec if perms[key] is None else _as_stored_in_v1(spec, perms[key]) for key, spec in specs.items()}
+    treedef = jax.tree_util.tree_structure(target)
+    try:
+        tree = checkpointer.restore(params_dir, jax.tree_util.tree_unflatten(treedef, list(stored.values())))
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointFormatError(f"{params_dir}: cannot restore the tree of {CONFIG_FILE} ({e})") from None
+    leaves = []
+    for (key, spec), leaf in zip(specs.items(), jax.tree_util.tree_leaves(tree)):
+        if perms[key] is not None:
+            turned = jax.jit(functools.partial(jnp.transpose, axes=perms[key]), out_shardings=spec.sharding)(leaf)
+            leaf.delete()
+            leaf = turned
+        leaves.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _restore_pieces(checkpointer, params_dir: Path, target: dict) -> dict:
+    """Version 2: one orbax checkpoint per leaf, restored one after the other."""
+    restored = [_restore_piece(checkpointer, params_dir, key, spec) for key, spec in _flatten(target).items()]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), restored)
+
+
+def _restore_piece(checkpointer, params_dir: Path, key: TreePath, spec: jax.ShapeDtypeStruct) -> jax.Array:
+    name = _piece_name(key)
+    try:
+        return checkpointer.restore(params_dir / name, {name: spec})[name]
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointFormatError(
+            f"{params_dir / name}: cannot restore tensor {name} as {spec.dtype}{list(spec.shape)} ({e})"
+        ) from None
 
 
 def _shardings(config: PanguConfig, mesh: Mesh | None, rules: Rules):
