@@ -1,11 +1,11 @@
-"""On a GPU: does the cuDNN fused attention of the prefill compute what the explicit one does?
+"""On a GPU: does the cuDNN fused attention (prefill and decode) compute what the explicit one does?
 
     python benchmarks/fused_attention_check.py [--model 2.6B] [--mesh tensor=4] [--json PATH]
 
 Random weights in bfloat16; two prompts (1000 tokens, and 341 behind 683 of
 left padding, for 1024 positions) prefilled with the fused attention and with the explicit
-einsum/softmax path (`model._fused_attention` switched off), then 16 greedy
-tokens each way; with `--mesh`, the fused run also on that mesh. Prints the
+einsum/softmax path (`PanguConfig.attention="explicit"`), then 16 greedy
+tokens each way (decoded with the same attention as the prefill); with `--mesh`, the fused run also on that mesh. Prints the
 largest logit difference at the last prompt position, whether the argmax
 agrees and whether the greedy continuations are equal.
 """
@@ -45,14 +45,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     lengths = (config.max_positions - 24, config.max_positions // 3)
     prompts = [rng.integers(10, config.vocab_size, n).tolist() for n in lengths]
-    assert model._fused_attention(config, lengths[0]), "no fused attention here (needs a GPU and 16-bit compute)"
+    assert model._fused_attention(config), "no fused attention here (needs a GPU and 16-bit compute)"
     fused_logits, fused_tokens = run(config, params, prompts)
-    switch = model._fused_attention
-    model._fused_attention = lambda *_: False
-    jax.clear_caches()
-    plain_logits, plain_tokens = run(config, params, prompts)
-    model._fused_attention = switch
-    jax.clear_caches()
+    plain_logits, plain_tokens = run(config.replace(attention="explicit"), params, prompts)
     row = {"model": args.model, "dtype": "bfloat16", "card": jax.devices()[0].device_kind,
            "max_abs_logit_diff": float(np.abs(fused_logits - plain_logits).max()),
            "logit_scale": float(np.abs(plain_logits).max()),

@@ -103,7 +103,7 @@ def profile_kernels(fn, steps: int, top: int = 25) -> dict:
 
 
 def _device_model(model: str, dtype: str, layout: str = "unstacked", mesh: str | None = None,
-                  weights: str = "float", vocab: str = "replicated"):
+                  weights: str = "float", vocab: str = "replicated", attention: str = "auto"):
     """Random parameters made on the device(s) leaf by leaf, in the given layout, on a mesh if asked.
 
     One small random program per distinct leaf shape: quick to compile, and
@@ -118,7 +118,7 @@ def _device_model(model: str, dtype: str, layout: str = "unstacked", mesh: str |
     from pangu_jax.model import abstract_params
     from pangu_jax.sharding import RULES, RULES_SPLIT_VOCAB, make_mesh, param_shardings
 
-    config = PanguConfig.preset(model, param_dtype=dtype, dtype=dtype, weights=weights)
+    config = PanguConfig.preset(model, param_dtype=dtype, dtype=dtype, weights=weights, attention=attention)
     rules = {"split": RULES_SPLIT_VOCAB, "replicated": RULES}[vocab]
     unstacked = layout == "unstacked"
     shapes = abstract_params(config, unstacked=unstacked)
@@ -155,7 +155,7 @@ def _peak_bytes() -> int:
 
 def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repeats: int,
                 layout: str = "unstacked", mesh: str | None = None, weights: str = "float",
-                vocab: str = "replicated") -> dict:
+                vocab: str = "replicated", attention: str = "auto") -> dict:
     """ms per new token: the median time of one compiled chunk of decode steps, over its steps.
 
     The prefill (first token) is timed apart, as the median of whole
@@ -168,7 +168,7 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
     from pangu_jax.model import init_cache
     from pangu_jax.sharding import make_mesh
 
-    config, params = _device_model(model, dtype, layout, mesh, weights, vocab)
+    config, params = _device_model(model, dtype, layout, mesh, weights, vocab, attention)
     bandwidth = measure_copy_bandwidth()
     prompts = np.random.default_rng(0).integers(10, config.vocab_size, (batch, prompt)).tolist()
     def start():
@@ -184,8 +184,8 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
     limit = (weight_bytes + cache_bytes) / devices / bandwidth
     return {
         "case": "decode", "model": model, "dtype": dtype, "weights": weights, "batch": batch, "prompt": prompt,
-        "layout": layout, "mesh": mesh or "", "vocab": vocab, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "ms_per_token": per_token * 1e3, "tokens_per_s": batch / per_token,
+        "layout": layout, "mesh": mesh or "", "vocab": vocab, "attention": attention,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "ms_per_token": per_token * 1e3, "tokens_per_s": batch / per_token,
         "limit_ms": limit * 1e3, "ratio_to_limit": limit / per_token,
         "first_token_ms": first * 1e3, "weight_bytes": weight_bytes, "cache_bytes": cache_bytes,
         "copy_bandwidth_GBps": bandwidth / 1e9, "peak_MiB": _peak_bytes() / 2**20,
@@ -194,7 +194,7 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
 
 def case_profile(model: str, dtype: str, batch: int, prompt: int, new: int, layout: str = "unstacked",
                  mesh: str | None = None, weights: str = "float", hlo_dir: str | None = None,
-                 vocab: str = "replicated") -> dict:
+                 vocab: str = "replicated", attention: str = "auto") -> dict:
     """Where one compiled decode chunk spends its time: GPU kernels per token (see `profile_kernels`).
 
     With `hlo_dir`, also writes the compiled decode chunk's HLO there.
@@ -204,7 +204,7 @@ def case_profile(model: str, dtype: str, batch: int, prompt: int, new: int, layo
 
     from pangu_jax.generate import start as start_generation
 
-    config, params = _device_model(model, dtype, layout, mesh, weights, vocab)
+    config, params = _device_model(model, dtype, layout, mesh, weights, vocab, attention)
     prompts = np.random.default_rng(0).integers(10, config.vocab_size, (batch, prompt)).tolist()
     run = start_generation(config, params, prompts, new + 1, temperature=0, stop_ids=())
     run.decode(until=None)  # compile
@@ -219,8 +219,8 @@ def case_profile(model: str, dtype: str, batch: int, prompt: int, new: int, layo
             f.write(lowered.compile().as_text())
     found = profile_kernels(lambda: (run.decode(until=None), run.state)[1], run.chunk)
     return {"case": "profile", "model": model, "dtype": dtype, "weights": weights, "batch": batch,
-            "layout": layout, "mesh": mesh or "", "vocab": vocab, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            **found}
+            "layout": layout, "mesh": mesh or "", "vocab": vocab, "attention": attention,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), **found}
 
 
 def case_ttft(model: str, dtype: str, prompt: int, cache_dir: str) -> dict:
@@ -394,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dump-hlo", help="profile table: write each compiled decode chunk's HLO into this folder")
     p.add_argument("--xla-flags", help="extra XLA_FLAGS for every case")
     p.add_argument("--weights", default="float", help="decode table: float and/or int8")
+    p.add_argument("--attention", default="auto",
+                   help="decode, profile, throughput and tensor-parallel tables: auto and/or explicit "
+                        "(PanguConfig.attention)")
     p.add_argument("--memory-dtypes", help="decode table: dtypes of the peak-memory cases (default --dtypes; '' none)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
@@ -403,24 +406,29 @@ def main(argv: list[str] | None = None) -> None:
     card = _card()
     flags = args.xla_flags
     batches = list(map(int, args.batches.split(",")))
+    attentions = args.attention.split(",")
     if args.table == "decode":
         rows = [_run_case("decode", flags, model=args.model, dtype=d, batch=1, prompt=16, new=args.new_tokens,
-                          repeats=args.repeats, layout=lay, weights=w)
-                for w in args.weights.split(",") for lay in args.layouts.split(",") for d in dtypes]
+                          repeats=args.repeats, layout=lay, weights=w, attention=a)
+                for w in args.weights.split(",") for lay in args.layouts.split(",") for d in dtypes
+                for a in attentions]
         memory_dtypes = dtypes if args.memory_dtypes is None else list(filter(None, args.memory_dtypes.split(",")))
         rows += [_run_case("memory", flags, model=args.model, dtype=d, weights=w)
                  for w in args.weights.split(",") for d in memory_dtypes]
-        cols = ["case", "model", "dtype", "weights", "layout", "batch", "ms_per_token", "tokens_per_s", "limit_ms",
+        cols = ["case", "model", "dtype", "weights", "layout", "attention", "batch", "ms_per_token", "tokens_per_s",
+                "limit_ms",
                 "ratio_to_limit", "copy_bandwidth_GBps", "peak_MiB", "peak_after_prefill_MiB", "prefill_temp_MiB",
                 "decode_temp_MiB", "original_MiB", "error"]
     elif args.table == "profile":
         rows = [_run_case("profile", flags, model=args.model, dtype=dtypes[0], batch=b, prompt=16, new=args.new_tokens,
-                          weights=w, mesh=args.mesh, hlo_dir=args.dump_hlo, vocab=args.vocab)
-                for w in args.weights.split(",") for b in batches]
+                          weights=w, mesh=args.mesh, hlo_dir=args.dump_hlo, vocab=args.vocab, attention=a)
+                for w in args.weights.split(",") for b in batches for a in attentions]
         for row in rows:
-            _print_table(f"top kernels per token: {row.get('model')} {row.get('weights')} batch {row.get('batch')}",
+            _print_table(f"top kernels per token: {row.get('model')} {row.get('weights')} batch {row.get('batch')} "
+                         f"attention {row.get('attention')}",
                          row.get("top", []), ["kernel", "calls_per_step", "us_per_step"])
-        cols = ["case", "model", "dtype", "weights", "batch", "mesh", "wall_us_per_step", "gpu_span_us_per_step",
+        cols = ["case", "model", "dtype", "weights", "attention", "batch", "mesh", "wall_us_per_step",
+                "gpu_span_us_per_step",
                 "kernel_us_per_step", "kernels_per_step", "error"]
     elif args.table == "baselines":
         rows = [_run_case("recompute", flags, model=args.model, dtype="float16", repeats=args.repeats),
@@ -428,11 +436,11 @@ def main(argv: list[str] | None = None) -> None:
         cols = ["case", "model", "dtype", "batch", "ms_per_token", "tokens_per_s", "error"]
     elif args.table == "throughput":
         rows = [_run_case("decode", flags, model=args.model, dtype=dtypes[0], batch=b, prompt=16,
-                          new=args.new_tokens, repeats=args.repeats) for b in batches]
+                          new=args.new_tokens, repeats=args.repeats, attention=a) for b in batches for a in attentions]
         hf_batches = batches if args.hf_batches is None else list(map(int, filter(None, args.hf_batches.split(","))))
         rows += [_run_case("hf", model=args.model, batch=b, new=args.new_tokens, repeats=3) for b in hf_batches]
-        cols = ["case", "model", "dtype", "batch", "ms_per_token", "tokens_per_s", "ratio_to_limit", "peak_MiB",
-                "error"]
+        cols = ["case", "model", "dtype", "attention", "batch", "ms_per_token", "tokens_per_s", "ratio_to_limit",
+                "peak_MiB", "error"]
     elif args.table == "ttft":
         import tempfile
 
@@ -443,13 +451,14 @@ def main(argv: list[str] | None = None) -> None:
         cols = ["case", "model", "dtype", "prompt", "compilation_cache", "first_token_s", "error"]
     elif args.table == "tensor-parallel":
         rows = [_run_case("decode", flags, model=args.model, dtype=dtypes[0], batch=1, prompt=16,
-                          new=args.new_tokens, repeats=args.repeats, mesh=f"tensor={n}", vocab=args.vocab)
+                          new=args.new_tokens, repeats=args.repeats, mesh=f"tensor={n}", vocab=args.vocab,
+                          attention=attentions[0])
                 for n in map(int, args.tensor.split(","))]
         base = rows[0].get("ms_per_token")
         for n, row in zip(map(int, args.tensor.split(",")), rows):
             if base and "ms_per_token" in row:
                 row["scaling_efficiency"] = base / (n * row["ms_per_token"])
-        cols = ["case", "model", "dtype", "mesh", "vocab", "xla_flags", "ms_per_token", "limit_ms", "ratio_to_limit",
+        cols = ["case", "model", "dtype", "mesh", "vocab", "attention", "xla_flags", "ms_per_token", "limit_ms", "ratio_to_limit",
                 "scaling_efficiency", "peak_MiB", "error"]
     else:
         rows = [_run_case("prefill", flags, model=args.model, dtype=d, repeats=args.repeats) for d in dtypes]

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 ACTIVATIONS = ("gelu_tanh", "gelu_erf")
 WEIGHT_FORMATS = ("float", "int8")
+ATTENTION_KERNELS = ("auto", "explicit")
 DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
@@ -34,6 +35,11 @@ class PanguConfig:
     `weights` is "float" (matrices stored in `param_dtype`) or "int8":
     weight-only int8 with one float32 scale per output channel for every
     block matrix and the embedding/head (see `pangu_jax.quantize`).
+    `attention` picks how attention is computed: "auto" runs cuDNN's fused
+    attention where it applies (a GPU, 16-bit compute, head_dim a multiple
+    of 8 up to 128), which never writes the scores to memory; "explicit"
+    always computes the scores and softmax with einsums (the path used on
+    CPU; also the one to study or compare against).
     """
 
     vocab_size: int = 40000
@@ -47,6 +53,7 @@ class PanguConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     weights: str = "float"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_heads", "ffn_size", "max_positions"):
@@ -73,6 +80,8 @@ class PanguConfig:
             )
         if self.weights not in WEIGHT_FORMATS:
             raise ConfigError(f"PanguConfig.weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"PanguConfig.attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(

@@ -101,8 +101,10 @@ class LayerNorm(nn.Module):
         scale = _param(self, "scale", nn.initializers.ones, (features,), jnp.float32, ("embed",))
         bias = _param(self, "bias", nn.initializers.zeros, (features,), jnp.float32, ("embed",))
         x = x.astype(jnp.float32)
+        # Both moments in one pass (as flax's LayerNorm does): XLA computes
+        # them in one reduction kernel instead of two in a row.
         mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        var = jnp.maximum(jnp.square(x).mean(-1, keepdims=True) - jnp.square(mean), 0)
         return (x - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
 
 
@@ -113,9 +115,9 @@ def _visible(query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
     return (k >= 0) & (k <= q)
 
 
-def _fused_attention(config: PanguConfig, length: int) -> bool:
-    """Whether attention over `length` new tokens runs as one cuDNN kernel: on a GPU, in 16 bits, for a prefill."""
-    return (length > 1 and config.dtype in ("bfloat16", "float16") and config.head_dim % 8 == 0
+def _fused_attention(config: PanguConfig) -> bool:
+    """Whether attention runs as one cuDNN kernel: asked for ("auto"), on a GPU, in 16 bits."""
+    return (config.attention == "auto" and config.dtype in ("bfloat16", "float16") and config.head_dim % 8 == 0
             and config.head_dim <= 128 and jax.default_backend() == "gpu")
 
 
@@ -153,7 +155,8 @@ class Attention(nn.Module):
         """
         c = self.config
         precision = _matmul_precision(c)
-        q = self._project("query", query_input) * jnp.asarray(1 / math.sqrt(c.head_dim), c.jnp_dtype)
+        q = self._project("query", query_input)
+        score_scale = 1 / math.sqrt(c.head_dim)
         k = self._project("key", kv_input)
         v = self._project("value", kv_input)
         if layer_cache is None:
@@ -165,13 +168,22 @@ class Attention(nn.Module):
             key_positions = cache_positions
         visible = _visible(positions, key_positions)
         keys, values = (new_kv[n].astype(c.jnp_dtype) for n in ("key", "value"))
-        if _fused_attention(c, q.shape[1]):
+        if _fused_attention(c):
             # cuDNN's fused attention never writes the [heads, length, slots]
-            # scores to memory; a prefill's float32 scores cost more time than
-            # its matmuls. The bias is finite, so padding rows stay finite too.
+            # scores to memory (a prefill's float32 scores cost more time than
+            # its matmuls; a decode step's, a chain of small kernels). It also
+            # scales the scores, which saves scaling the query in a kernel of
+            # its own, and is told how many slots are written. The bias is
+            # finite, so padding rows stay finite too.
             bias = jnp.where(visible, 0, jnp.finfo(c.jnp_dtype).min / 2).astype(c.jnp_dtype)
-            out = jax.nn.dot_product_attention(q, keys, values, bias=bias, scale=1.0, implementation="cudnn")
-        else:
+            filled = None
+            if layer_cache is not None:
+                filled = jnp.broadcast_to(cache_index + q.shape[1], q.shape[:1]).astype(jnp.int32)
+            out = jax.nn.dot_product_attention(q, keys, values, bias=bias, scale=score_scale,
+                                               key_value_seq_lengths=filled,
+                                               implementation="cudnn")
+        else:  # the query scaled first, as the original does
+            q = q * jnp.asarray(score_scale, c.jnp_dtype)
             scores = jnp.einsum("btnk,bsnk->bnts", q, keys, precision=precision, preferred_element_type=jnp.float32)
             probs = jax.nn.softmax(jnp.where(visible, scores, _MASKED), axis=-1)
             out = jnp.einsum("bnts,bsnk->btnk", probs.astype(c.jnp_dtype), values, precision=precision)

@@ -289,6 +289,22 @@ def test_orbax_store_holds_one_piece_per_leaf_and_save_orbax_writes_the_same(tmp
         np.testing.assert_array_equal(a, b)
 
 
+def test_orbax_without_the_no_copy_switch_still_writes_the_store(tmp_path, monkeypatch):
+    """Older orbax (0.12.4 on the GPU machine) has no `deepcopy_host_arrays`."""
+    import orbax.checkpoint as ocp
+
+    class OldNumpyHandler(ocp.type_handlers.NumpyHandler):
+        def __init__(self, metadata_key=None):
+            super().__init__(metadata_key=metadata_key)
+
+    monkeypatch.setattr(ocp.type_handlers, "NumpyHandler", OldNumpyHandler)
+    convert(FP32, tmp_path / "store", progress=False)
+    _, params = load_orbax(tmp_path / "store")
+    _, source = load_checkpoint(FP32)
+    for a, b in zip(_leaves(params), _leaves(source)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_save_orbax_refuses_a_tree_the_config_does_not_describe(tmp_path):
     convert(FP32, tmp_path / "store", progress=False)
     config, params = load_orbax(tmp_path / "store")

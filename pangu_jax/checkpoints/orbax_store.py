@@ -101,11 +101,17 @@ def _piece_writer():
 
     Orbax copies a numpy array before an asynchronous save, in case the caller
     changes it meanwhile; this save returns only once the piece is written.
+    Older orbax releases (0.12.4, say) have no such switch, and copy.
     """
+    import inspect
+
     import orbax.checkpoint as ocp
 
+    handler = ocp.type_handlers.NumpyHandler
+    no_copy = ({"deepcopy_host_arrays": False}
+               if "deepcopy_host_arrays" in inspect.signature(handler.__init__).parameters else {})
     registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (np.ndarray, handler(**no_copy)),
         (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
     )
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
