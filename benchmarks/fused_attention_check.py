@@ -1,9 +1,9 @@
-"""On a GPU: does the cuDNN fused attention (prefill and decode) compute what the explicit one does?
+"""On a GPU: do the fused attention kernels (cuDNN, Pallas decode) compute what the explicit one does?
 
-    python benchmarks/fused_attention_check.py [--model 2.6B] [--mesh tensor=4] [--json PATH]
+    python benchmarks/fused_attention_check.py [--model 2.6B] [--attention auto|cudnn] [--mesh tensor=4] [--json PATH]
 
 Random weights in bfloat16; two prompts (1000 tokens, and 341 behind 683 of
-left padding, for 1024 positions) prefilled with the fused attention and with the explicit
+left padding, for 1024 positions) prefilled with the fused attention (`--attention`) and with the explicit
 einsum/softmax path (`PanguConfig.attention="explicit"`), then 16 greedy
 tokens each way (decoded with the same attention as the prefill); with `--mesh`, the fused run also on that mesh. Prints the
 largest logit difference at the last prompt position, whether the argmax
@@ -39,16 +39,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="2.6B")
     p.add_argument("--mesh")
+    p.add_argument("--attention", default="auto", help="the fused configuration (PanguConfig.attention)")
     p.add_argument("--json")
     args = p.parse_args()
-    config, params = _device_model(args.model, "bfloat16")
+    config, params = _device_model(args.model, "bfloat16", attention=args.attention)
     rng = np.random.default_rng(0)
     lengths = (config.max_positions - 24, config.max_positions // 3)
     prompts = [rng.integers(10, config.vocab_size, n).tolist() for n in lengths]
     assert model._fused_attention(config), "no fused attention here (needs a GPU and 16-bit compute)"
     fused_logits, fused_tokens = run(config, params, prompts)
     plain_logits, plain_tokens = run(config.replace(attention="explicit"), params, prompts)
-    row = {"model": args.model, "dtype": "bfloat16", "card": jax.devices()[0].device_kind,
+    row = {"model": args.model, "dtype": "bfloat16", "attention": args.attention, "card": jax.devices()[0].device_kind,
            "max_abs_logit_diff": float(np.abs(fused_logits - plain_logits).max()),
            "logit_scale": float(np.abs(plain_logits).max()),
            "argmax_equal": bool((fused_logits.argmax(-1) == plain_logits.argmax(-1)).all()),

@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--xla-flags", help="extra XLA_FLAGS for every case")
     p.add_argument("--weights", default="float", help="decode table: float and/or int8")
     p.add_argument("--attention", default="auto",
-                   help="decode, profile, throughput and tensor-parallel tables: auto and/or explicit "
+                   help="decode, profile, throughput and tensor-parallel tables: auto, cudnn and/or explicit "
                         "(PanguConfig.attention)")
     p.add_argument("--memory-dtypes", help="decode table: dtypes of the peak-memory cases (default --dtypes; '' none)")
     p.add_argument("--new-tokens", type=int, default=64)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 ACTIVATIONS = ("gelu_tanh", "gelu_erf")
 WEIGHT_FORMATS = ("float", "int8")
-ATTENTION_KERNELS = ("auto", "explicit")
+ATTENTION_KERNELS = ("auto", "cudnn", "explicit")
 DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
@@ -35,11 +35,13 @@ class PanguConfig:
     `weights` is "float" (matrices stored in `param_dtype`) or "int8":
     weight-only int8 with one float32 scale per output channel for every
     block matrix and the embedding/head (see `pangu_jax.quantize`).
-    `attention` picks how attention is computed: "auto" runs cuDNN's fused
-    attention where it applies (a GPU, 16-bit compute, head_dim a multiple
-    of 8 up to 128), which never writes the scores to memory; "explicit"
-    always computes the scores and softmax with einsums (the path used on
-    CPU; also the one to study or compare against).
+    `attention` picks how attention is computed on a GPU in 16 bits: "auto"
+    runs a prompt's attention as cuDNN's fused kernel (head_dim a multiple
+    of 8 up to 128) and a decode step's as our Pallas kernel
+    (`pangu_jax.decode_attention`, which reads only the written cache
+    slots); "cudnn" uses cuDNN for both; "explicit" computes the scores and
+    softmax with einsums, as on CPU always (the path to study or compare
+    against).
     """
 
     vocab_size: int = 40000

@@ -49,6 +49,7 @@ import numpy as np
 from jax import lax
 
 from .config import PanguConfig
+from .decode_attention import decode_attention
 
 Params = dict[str, Any]
 Cache = dict[str, Any]
@@ -115,10 +116,19 @@ def _visible(query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
     return (k >= 0) & (k <= q)
 
 
+def _sixteen_bit_gpu(config: PanguConfig) -> bool:
+    return config.dtype in ("bfloat16", "float16") and jax.default_backend() == "gpu"
+
+
 def _fused_attention(config: PanguConfig) -> bool:
-    """Whether attention runs as one cuDNN kernel: asked for ("auto"), on a GPU, in 16 bits."""
-    return (config.attention == "auto" and config.dtype in ("bfloat16", "float16") and config.head_dim % 8 == 0
-            and config.head_dim <= 128 and jax.default_backend() == "gpu")
+    """Whether attention runs as one cuDNN kernel: asked for, on a GPU, in 16 bits, a head_dim cuDNN takes."""
+    return (config.attention in ("auto", "cudnn") and _sixteen_bit_gpu(config) and config.head_dim % 8 == 0
+            and config.head_dim <= 128)
+
+
+def _decode_kernel(config: PanguConfig) -> bool:
+    """Whether one new token attends to the cache through `decode_attention`'s Pallas kernel."""
+    return config.attention == "auto" and _sixteen_bit_gpu(config)
 
 
 class Attention(nn.Module):
@@ -168,7 +178,12 @@ class Attention(nn.Module):
             key_positions = cache_positions
         visible = _visible(positions, key_positions)
         keys, values = (new_kv[n].astype(c.jnp_dtype) for n in ("key", "value"))
-        if _fused_attention(c):
+        if layer_cache is not None and q.shape[1] == 1 and _decode_kernel(c):
+            # Reads only the written slots, in one kernel (on an H100, 2.6B:
+            # 3.6 us a layer against cuDNN's 5.2 us at batch 1).
+            out = decode_attention(q[:, 0], keys, values, key_positions, positions[:, 0], cache_index + 1,
+                                   scale=score_scale)[:, None]
+        elif _fused_attention(c):
             # cuDNN's fused attention never writes the [heads, length, slots]
             # scores to memory (a prefill's float32 scores cost more time than
             # its matmuls; a decode step's, a chain of small kernels). It also

@@ -59,7 +59,7 @@ def test_json_round_trip(name, tmp_path):
         (dict(activation="relu"), "activation must be one of"),
         (dict(dtype="float64"), "dtype must be one of"),
         (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon must be positive"),
-        (dict(attention="flash"), r"attention must be one of \('auto', 'explicit'\)"),
+        (dict(attention="flash"), r"attention must be one of \('auto', 'cudnn', 'explicit'\)"),
     ],
 )
 def test_invalid_configs_are_refused_with_a_clear_message(changes, message):

@@ -58,6 +58,18 @@ want8 = generate(config8, int8, prompts, 8, temperature=0, stop_ids=())
 assert generate(config8, shard_params(config8, int8, make_mesh("data=2,tensor=4")), prompts, 8,
                 temperature=0, stop_ids=()) == want8
 print("int8 equal on data=2,tensor=4")
+
+# The decode-attention kernel (as on a GPU; here interpreted) keeps its split
+# rows and heads on the mesh, and decodes what the explicit path does.
+import functools
+from pangu_jax import model
+from pangu_jax.decode_attention import decode_attention
+model._decode_kernel = lambda c: True
+model.decode_attention = functools.partial(decode_attention, interpret=True)
+jax.clear_caches()
+placed = shard_params(config, layers, make_mesh("data=2,tensor=4"))
+assert generate(config, placed, prompts, 8, temperature=0, stop_ids=()) == want
+print("decode kernel equal on data=2,tensor=4")
 """
 
 
@@ -71,6 +83,7 @@ def test_sharded_generation_equals_unsharded_on_8_fake_devices():
     for shape in ("tensor=4", "data=2,tensor=4", "data=2,tensor=2", "data=8"):
         assert f"greedy equal on {shape}" in result.stdout
     assert "int8 equal on data=2,tensor=4" in result.stdout
+    assert "decode kernel equal on data=2,tensor=4" in result.stdout
 
 
 def test_mesh_shapes_parse_and_bad_ones_are_named():
