@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from .config import PanguConfig
 from .model import Cache, Params, is_unstacked, param_logical_axes
@@ -92,7 +92,19 @@ def _mesh_axis(rules: Rules, logical: str) -> str | None:
 
 
 def check_mesh(config: PanguConfig, mesh: Mesh, rules: Rules = RULES) -> None:
-    """Raise a clear error when a split dimension does not divide by its mesh axis."""
+    """Raise a clear error when a split dimension does not divide by its mesh axis, or the axes are not Auto.
+
+    Arrays are placed by the rules table and XLA propagates the rest, which
+    needs Auto axes (`jax.make_mesh` makes Explicit ones by default).
+    """
+    typed = [f"{name} ({kind.name})" for name, kind in zip(mesh.axis_names, getattr(mesh, "axis_types", ()))
+             if kind != AxisType.Auto]
+    if typed:
+        raise ValueError(
+            f"mesh axes {', '.join(typed)} are not Auto; pangu_jax places arrays by its rules table on Auto axes: "
+            "build the mesh with pangu_jax.sharding.make_mesh, or pass "
+            "axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names)"
+        )
     unknown = sorted({m for _, m in rules if m is not None} - set(mesh.axis_names))
     if unknown:
         raise ValueError(f"rules name mesh axes {unknown}, but the mesh has {list(mesh.axis_names)}; pass rules for it")

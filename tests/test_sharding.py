@@ -137,3 +137,14 @@ def test_one_device_mesh_runs_the_model_unchanged(tiny_fp32):
     prompts = [[31, 47, 320]]
     assert generate(config, placed, prompts, 5, temperature=0, stop_ids=()) == generate(
         config, params, prompts, 5, temperature=0, stop_ids=())
+
+
+def test_meshes_with_explicit_axes_are_refused_with_the_way_out():
+    import numpy as np
+    from jax.sharding import AxisType, Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "tensor"),
+                axis_types=(AxisType.Explicit, AxisType.Explicit))
+    with pytest.raises(ValueError, match=r"mesh axes data \(Explicit\), tensor \(Explicit\) are not Auto.*make_mesh"):
+        check_mesh(PanguConfig.preset("tiny"), mesh)
+    check_mesh(PanguConfig.preset("tiny"), make_mesh("tensor=1"))
