@@ -38,8 +38,8 @@ class PanguConfig:
     `attention` picks how attention is computed on a GPU in 16 bits: "auto"
     runs a prompt's attention as cuDNN's fused kernel (head_dim a multiple
     of 8 up to 128) and a decode step's as our Pallas kernel
-    (`pangu_jax.decode_attention`, which reads only the written cache
-    slots); "cudnn" uses cuDNN for both; "explicit" computes the scores and
+    (`pangu_jax.decode_attention`, which also writes the new key and value
+    into the cache and reads only the written slots); "cudnn" uses cuDNN for both; "explicit" computes the scores and
     softmax with einsums, as on CPU always (the path to study or compare
     against).
     """

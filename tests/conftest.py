@@ -21,6 +21,16 @@ def load_script(relative: str):
     return module
 
 
+def interpreted_kernels() -> dict:
+    """`model`'s GPU decode kernel forced on and run by Pallas's interpreter (CPU), as {attribute: value}."""
+    import functools
+
+    from pangu_jax.decode_attention import decode_attention
+
+    return {"_decode_kernel": lambda config: True,
+            "decode_attention": functools.partial(decode_attention, interpret=True)}
+
+
 def load_json(name: str):
     return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
 

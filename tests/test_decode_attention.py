@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pangu_jax import PanguConfig, generate, load_checkpoint, model
+from pangu_jax import generate, load_checkpoint, model
 from pangu_jax.decode_attention import decode_attention
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, interpreted_kernels
 
 
 def _explicit(q, keys, values, key_positions, query_positions, scale):
@@ -23,44 +21,80 @@ def _explicit(q, keys, values, key_positions, query_positions, scale):
     return jnp.einsum("bns,bsnk->bnk", probs, values)
 
 
-def _cache(rng, batch, slots, heads, head_dim, starts, filled):
-    """Random q/keys/values; row r holds positions 0.. from slot starts[r] up to `filled`."""
-    q, keys, values = (rng.normal(size=shape).astype(np.float32)
-                       for shape in ((batch, heads, head_dim), *[(batch, slots, heads, head_dim)] * 2))
+def _step(rng, batch, slots, heads, head_dim, starts, index, dtype=np.float32):
+    """A new token per row (projections, biases) and a cache written up to `index`.
+
+    Row r holds positions 0.. from slot starts[r]; the new token goes to
+    slot `index` with the next position. Slots after `index` hold stale data.
+    """
+    new = [rng.normal(size=(batch, heads, head_dim)).astype(dtype) for _ in range(3)]
+    biases = [rng.normal(size=(heads, head_dim)).astype(dtype) for _ in range(3)]
+    keys, values = (rng.normal(size=(batch, slots, heads, head_dim)).astype(dtype) for _ in range(2))
     positions = np.full((batch, slots), -1, np.int32)
     for row, start in enumerate(starts):
-        positions[row, start:filled] = np.arange(filled - start)
-    return q, keys, values, positions, positions.max(axis=1)
+        positions[row, start:index + 1] = np.arange(index + 1 - start)
+    return new, biases, keys, values, positions, positions.max(axis=1)
 
 
-@pytest.mark.parametrize("slots, filled, head_dim", [(20, 12, 10), (144, 97, 80), (70, 70, 16)])
-def test_kernel_equals_the_explicit_attention(slots, filled, head_dim):
-    """Head dims that are not powers of two, caches not a whole number of blocks, left padding."""
+def _want(new, biases, keys, values, positions, query, index, scale):
+    """The explicit path: biases added, the new key/value written at `index`, attention over the cache."""
+    q, k, v = (jnp.asarray(x) + jnp.asarray(b) for x, b in zip(new, biases))
+    keys, values = (jnp.asarray(c).at[:, index].set(n) for c, n in ((keys, k), (values, v)))
+    return _explicit(q, keys, values, positions, query, scale), keys, values
+
+
+@pytest.mark.parametrize("slots, index, head_dim", [(20, 11, 10), (144, 96, 80), (70, 69, 16), (130, 64, 8)])
+def test_kernel_writes_the_new_slot_and_equals_the_explicit_attention(slots, index, head_dim):
+    """Head dims that are not powers of two, caches not a whole number of blocks, the new slot first in a
+    block, left padding."""
     rng = np.random.default_rng(slots)
-    q, keys, values, positions, query = _cache(rng, 3, slots, 2, head_dim, (0, 5, filled - 1), filled)
-    # Slots past `filled` hold stale data the kernel must not read.
-    got = decode_attention(q, keys, values, positions, query, filled, scale=0.3, interpret=True)
-    want = _explicit(q, keys, values, positions, query, 0.3)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    new, biases, keys, values, positions, query = _step(rng, 3, slots, 2, head_dim, (0, 5, index), index)
+    want = _want(new, biases, keys, values, positions, query, index, 0.3)
+    got = decode_attention(*new, keys.copy(), values.copy(), positions, query, index, scale=0.3,
+                           biases=tuple(biases), interpret=True)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    # The cache comes back with the new slot written and every other slot as it was.
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-6, atol=1e-6)
 
 
 def test_kernel_masks_later_positions_and_zeroes_rows_that_see_nothing():
     rng = np.random.default_rng(1)
-    q, keys, values, positions, _ = _cache(rng, 2, 20, 2, 8, (0, 0), 12)
+    new, biases, keys, values, positions, _ = _step(rng, 2, 20, 2, 8, (0, 0), 11)
     query = np.array([4, -1], np.int32)  # row 0 sees positions 0..4 only; row 1 sees nothing
-    got = np.asarray(decode_attention(q, keys, values, positions, query, 12, scale=1.0, interpret=True))
-    np.testing.assert_allclose(got[0], _explicit(q, keys, values, positions, query, 1.0)[0], rtol=1e-5, atol=1e-5)
+    got = np.asarray(decode_attention(*new, keys.copy(), values.copy(), positions, query, 11, scale=1.0,
+                                      biases=tuple(biases), interpret=True)[0])
+    want = _want(new, biases, keys, values, positions, query, 11, 1.0)[0]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
     assert not got[1].any()
 
 
-def test_kernel_keeps_bfloat16():
+def test_kernel_without_biases_and_an_index_past_the_end_writes_the_last_slot():
+    """As lax.dynamic_update_slice clamps its index, so does the kernel."""
+    rng = np.random.default_rng(3)
+    new, _, keys, values, positions, query = _step(rng, 2, 12, 2, 8, (0, 3), 11)
+    got = decode_attention(*new, keys.copy(), values.copy(), positions, query, 40, scale=0.5, interpret=True)
+    want = _want(new, [np.zeros((2, 8), np.float32)] * 3, keys, values, positions, query, 11, 0.5)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_keeps_bfloat16_and_rounds_the_new_key_to_the_cache_dtype():
     rng = np.random.default_rng(2)
-    q, keys, values, positions, query = _cache(rng, 2, 20, 2, 10, (0, 3), 12)
-    as16 = [jnp.asarray(x, jnp.bfloat16) for x in (q, keys, values)]
-    got = decode_attention(*as16, positions, query, 12, scale=0.3, interpret=True)
-    assert got.dtype == jnp.bfloat16
-    want = _explicit(*[x.astype(jnp.float32) for x in as16], positions, query, 0.3)
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2)
+    new, biases, keys, values, positions, query = _step(rng, 2, 20, 2, 10, (0, 3), 11)
+    as16 = [jnp.asarray(x, jnp.bfloat16) for x in new]
+    bias16 = tuple(jnp.asarray(x, jnp.bfloat16) for x in biases)
+    got = decode_attention(*as16, jnp.asarray(keys, jnp.float16), jnp.asarray(values, jnp.float16), positions,
+                           query, 11, scale=0.3, biases=bias16, interpret=True)
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float16
+    # The model's rounding: q + bias in bfloat16, the new key then stored as the cache's float16.
+    summed = [(a + b).astype(jnp.float16) for a, b in zip(as16, bias16)]
+    np.testing.assert_array_equal(np.asarray(got[1][:, 11]), np.asarray(summed[1]))
+    np.testing.assert_array_equal(np.asarray(got[2][:, 11]), np.asarray(summed[2]))
+    q = (as16[0] + bias16[0]).astype(jnp.float32)
+    cache = [np.asarray(c, np.float32) for c in got[1:]]
+    want = _explicit(q, *cache, positions, query, 0.3)
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), want, atol=2e-2)
 
 
 def test_greedy_decoding_through_the_kernel_equals_the_explicit_path(monkeypatch):
@@ -69,8 +103,8 @@ def test_greedy_decoding_through_the_kernel_equals_the_explicit_path(monkeypatch
     params = model.unstack_layers(params)
     prompts = [[31, 47, 320, 155], [5, 9], [77, 78, 79, 80, 81, 82, 83, 84, 85]]
     want = generate(config, params, prompts, 8, temperature=0, stop_ids=())
-    monkeypatch.setattr(model, "_decode_kernel", lambda c: True)
-    monkeypatch.setattr(model, "decode_attention", functools.partial(decode_attention, interpret=True))
+    for name, value in interpreted_kernels().items():
+        monkeypatch.setattr(model, name, value)
     jax.clear_caches()
     try:
         got = generate(config.replace(attention="auto"), params, prompts, 8, temperature=0, stop_ids=())

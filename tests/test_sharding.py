@@ -61,11 +61,10 @@ print("int8 equal on data=2,tensor=4")
 
 # The decode-attention kernel (as on a GPU; here interpreted) keeps its split
 # rows and heads on the mesh, and decodes what the explicit path does.
-import functools
 from pangu_jax import model
-from pangu_jax.decode_attention import decode_attention
-model._decode_kernel = lambda c: True
-model.decode_attention = functools.partial(decode_attention, interpret=True)
+from tests.conftest import interpreted_kernels
+for name, value in interpreted_kernels().items():
+    setattr(model, name, value)
 jax.clear_caches()
 placed = shard_params(config, layers, make_mesh("data=2,tensor=4"))
 assert generate(config, placed, prompts, 8, temperature=0, stop_ids=()) == want
