@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -60,12 +61,19 @@ def measure_matmul_rate() -> float:
     return 2 * n**3 / _median_time(lambda: mm(a, b).block_until_ready(), 10)
 
 
+def kernel_family(name: str) -> str:
+    """A kernel's name without XLA's numbering: "all_reduce_43_0_fusion_1" -> "all_reduce_fusion"."""
+    return re.sub(r"[_.]\d+(?=[_.]|$)", "", name)
+
+
 def profile_kernels(fn, steps: int, top: int = 25) -> dict:
     """Trace one call of `fn` (already compiled) and sum the GPU kernels it ran, per step.
 
     Returns the wall time per step, the summed kernel time per step (their
-    difference is the GPU waiting between kernels), the kernel count per step
-    and the `top` kernels by time. Reads the trace with `jax.profiler.ProfileData`.
+    difference is the GPU waiting between kernels), the kernel count per step,
+    the `top` kernels by time, and every kernel family (`kernel_family`: the
+    80 differently numbered all-reduces of a step are one family) by time.
+    Reads the trace with `jax.profiler.ProfileData`.
     """
     import glob
     import tempfile
@@ -93,12 +101,19 @@ def profile_kernels(fn, steps: int, top: int = 25) -> dict:
                 counts[event.name] += 1
                 first, last = min(first, event.start_ns), max(last, event.start_ns + event.duration_ns)
     busy = sum(totals.values())
-    ranked = sorted(totals, key=totals.get, reverse=True)[:top]
+    family_totals, family_counts = defaultdict(float), defaultdict(int)
+    for name in totals:
+        family_totals[kernel_family(name)] += totals[name]
+        family_counts[kernel_family(name)] += counts[name]
+
+    def ranking(times, calls, limit=None):
+        return [{"kernel": name[:120], "calls_per_step": calls[name] / steps, "us_per_step": times[name] / steps / 1e3}
+                for name in sorted(times, key=times.get, reverse=True)[:limit]]
+
     return {
         "wall_us_per_step": wall / steps * 1e6, "gpu_span_us_per_step": max(last - first, 0) / steps / 1e3,
         "kernel_us_per_step": busy / steps / 1e3, "kernels_per_step": sum(counts.values()) / steps,
-        "top": [{"kernel": name[:120], "calls_per_step": counts[name] / steps,
-                 "us_per_step": totals[name] / steps / 1e3} for name in ranked],
+        "top": ranking(totals, counts, top), "families": ranking(family_totals, family_counts),
     }
 
 
@@ -427,6 +442,9 @@ def main(argv: list[str] | None = None) -> None:
             _print_table(f"top kernels per token: {row.get('model')} {row.get('weights')} batch {row.get('batch')} "
                          f"attention {row.get('attention')}",
                          row.get("top", []), ["kernel", "calls_per_step", "us_per_step"])
+            _print_table(f"kernel families per token: {row.get('model')} {row.get('weights')} batch "
+                         f"{row.get('batch')} attention {row.get('attention')}",
+                         row.get("families", []), ["kernel", "calls_per_step", "us_per_step"])
         cols = ["case", "model", "dtype", "weights", "attention", "batch", "mesh", "wall_us_per_step",
                 "gpu_span_us_per_step",
                 "kernel_us_per_step", "kernels_per_step", "error"]

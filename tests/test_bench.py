@@ -28,4 +28,13 @@ def test_profile_kernels_counts_per_step_and_reads_the_trace():
     f(x).block_until_ready()
     found = bench.profile_kernels(lambda: f(x), steps=4)
     assert found["wall_us_per_step"] > 0
-    assert found["kernels_per_step"] == 0 and found["top"] == []  # no GPU here: no kernels to count
+    assert found["kernels_per_step"] == 0 and found["top"] == [] and found["families"] == []  # no GPU here
+
+
+def test_kernel_families_drop_xla_numbering_only():
+    assert bench.kernel_family("all_reduce_43_0_fusion_1") == "all_reduce_fusion"
+    assert bench.kernel_family("all_reduce_80_fusion") == "all_reduce_fusion"
+    assert bench.kernel_family("gemm_fusion_dot.484") == "gemm_fusion_dot"
+    assert bench.kernel_family("pangu_decode_attention") == "pangu_decode_attention"
+    # Numbers inside a library kernel's name (tile shapes) stay.
+    assert bench.kernel_family("sm90_xmma_gemm_bf16_128x64_nt_1") == "sm90_xmma_gemm_bf16_128x64_nt"
