@@ -103,8 +103,9 @@ def profile_kernels(fn, steps: int, top: int = 25) -> dict:
     busy = sum(totals.values())
     family_totals, family_counts = defaultdict(float), defaultdict(int)
     for name in totals:
-        family_totals[kernel_family(name)] += totals[name]
-        family_counts[kernel_family(name)] += counts[name]
+        family = kernel_family(name)
+        family_totals[family] += totals[name]
+        family_counts[family] += counts[name]
 
     def ranking(times, calls, limit=None):
         return [{"kernel": name[:120], "calls_per_step": calls[name] / steps, "us_per_step": times[name] / steps / 1e3}

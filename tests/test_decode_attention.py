@@ -21,15 +21,15 @@ def _explicit(q, keys, values, key_positions, query_positions, scale):
     return jnp.einsum("bns,bsnk->bnk", probs, values)
 
 
-def _step(rng, batch, slots, heads, head_dim, starts, index, dtype=np.float32):
+def _step(rng, batch, slots, heads, head_dim, starts, index):
     """A new token per row (projections, biases) and a cache written up to `index`.
 
     Row r holds positions 0.. from slot starts[r]; the new token goes to
     slot `index` with the next position. Slots after `index` hold stale data.
     """
-    new = [rng.normal(size=(batch, heads, head_dim)).astype(dtype) for _ in range(3)]
-    biases = [rng.normal(size=(heads, head_dim)).astype(dtype) for _ in range(3)]
-    keys, values = (rng.normal(size=(batch, slots, heads, head_dim)).astype(dtype) for _ in range(2))
+    new = [rng.normal(size=(batch, heads, head_dim)).astype(np.float32) for _ in range(3)]
+    biases = [rng.normal(size=(heads, head_dim)).astype(np.float32) for _ in range(3)]
+    keys, values = (rng.normal(size=(batch, slots, heads, head_dim)).astype(np.float32) for _ in range(2))
     positions = np.full((batch, slots), -1, np.int32)
     for row, start in enumerate(starts):
         positions[row, start:index + 1] = np.arange(index + 1 - start)
