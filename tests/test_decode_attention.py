@@ -50,7 +50,7 @@ def test_kernel_writes_the_new_slot_and_equals_the_explicit_attention(slots, ind
     rng = np.random.default_rng(slots)
     new, biases, keys, values, positions, query = _step(rng, 3, slots, 2, head_dim, (0, 5, index), index)
     want = _want(new, biases, keys, values, positions, query, index, 0.3)
-    got = decode_attention(*new, keys.copy(), values.copy(), positions, query, index, scale=0.3,
+    got = decode_attention(jnp.stack(new, 1), keys.copy(), values.copy(), positions, query, index, scale=0.3,
                            biases=tuple(biases), interpret=True)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
     # The cache comes back with the new slot written and every other slot as it was.
@@ -62,7 +62,7 @@ def test_kernel_masks_later_positions_and_zeroes_rows_that_see_nothing():
     rng = np.random.default_rng(1)
     new, biases, keys, values, positions, _ = _step(rng, 2, 20, 2, 8, (0, 0), 11)
     query = np.array([4, -1], np.int32)  # row 0 sees positions 0..4 only; row 1 sees nothing
-    got = np.asarray(decode_attention(*new, keys.copy(), values.copy(), positions, query, 11, scale=1.0,
+    got = np.asarray(decode_attention(jnp.stack(new, 1), keys.copy(), values.copy(), positions, query, 11, scale=1.0,
                                       biases=tuple(biases), interpret=True)[0])
     want = _want(new, biases, keys, values, positions, query, 11, 1.0)[0]
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
@@ -73,7 +73,7 @@ def test_kernel_without_biases_and_an_index_past_the_end_writes_the_last_slot():
     """As lax.dynamic_update_slice clamps its index, so does the kernel."""
     rng = np.random.default_rng(3)
     new, _, keys, values, positions, query = _step(rng, 2, 12, 2, 8, (0, 3), 11)
-    got = decode_attention(*new, keys.copy(), values.copy(), positions, query, 40, scale=0.5, interpret=True)
+    got = decode_attention(jnp.stack(new, 1), keys.copy(), values.copy(), positions, query, 40, scale=0.5, interpret=True)
     want = _want(new, [np.zeros((2, 8), np.float32)] * 3, keys, values, positions, query, 11, 0.5)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
@@ -84,7 +84,7 @@ def test_kernel_keeps_bfloat16_and_rounds_the_new_key_to_the_cache_dtype():
     new, biases, keys, values, positions, query = _step(rng, 2, 20, 2, 10, (0, 3), 11)
     as16 = [jnp.asarray(x, jnp.bfloat16) for x in new]
     bias16 = tuple(jnp.asarray(x, jnp.bfloat16) for x in biases)
-    got = decode_attention(*as16, jnp.asarray(keys, jnp.float16), jnp.asarray(values, jnp.float16), positions,
+    got = decode_attention(jnp.stack(as16, 1), jnp.asarray(keys, jnp.float16), jnp.asarray(values, jnp.float16), positions,
                            query, 11, scale=0.3, biases=bias16, interpret=True)
     assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float16
     # The model's rounding: q + bias in bfloat16, the new key then stored as the cache's float16.
