@@ -38,3 +38,25 @@ def test_kernel_families_drop_xla_numbering_only():
     assert bench.kernel_family("pangu_decode_attention") == "pangu_decode_attention"
     # Numbers inside a library kernel's name (tile shapes) stay.
     assert bench.kernel_family("sm90_xmma_gemm_bf16_128x64_nt_1") == "sm90_xmma_gemm_bf16_128x64_nt"
+
+
+def test_fused_matvec_experiment_computes_what_the_model_does():
+    """The experiment's kernel (interpreted) against the harness's XLA versions of the four decode matmuls."""
+    import numpy as np
+
+    from benchmarks import fused_matvec_experiment as experiment
+
+    rng = np.random.default_rng(0)
+    h, f = 64, 128
+    for name, (shape, n_weights, width, out_first, xla, kernel) in experiment._ops(h, f, jnp.float32,
+                                                                                interpret=True).items():
+        n = shape[0] if out_first else shape[1]
+        for rows in (1, 3):
+            weights = tuple(jnp.asarray(0.1 * rng.normal(size=shape), jnp.float32) for _ in range(n_weights))
+            aux = {"scale": jnp.asarray(1 + 0.1 * rng.normal(size=width), jnp.float32),
+                   "shift": jnp.asarray(0.1 * rng.normal(size=width), jnp.float32),
+                   "bias": jnp.asarray(rng.normal(size=n), jnp.float32),
+                   "residual": jnp.asarray(rng.normal(size=(rows, n)), jnp.float32)}
+            x = jnp.asarray(rng.normal(size=(rows, width)), jnp.float32)
+            for want, got in zip(xla(x, weights, aux), kernel(x, weights, aux, experiment.Tiles(16, 32))):
+                np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{name}, {rows} rows")
