@@ -1,8 +1,8 @@
 """One decode step's attention, with its cache write, as one Pallas (Triton) kernel.
 
 For each row the step brings one new token: its query, key and value
-projections (biases not yet added), stacked in one array. One program per
-(row, head) adds the biases, writes the new key and value into the cache slot `index` (the cache
+projections (biases not yet added). One program per (row, head) adds the
+biases, writes the new key and value into the cache slot `index` (the cache
 buffers are aliased to the outputs, so nothing else is copied), and walks the
 cache in blocks of `BLOCK_SLOTS` slots with an online softmax, only up to
 that slot: a cache is allocated for the whole generation, so most of it is
@@ -84,18 +84,17 @@ def _kernel(q_ref, key_ref, value_ref, q_bias_ref, key_bias_ref, value_bias_ref,
     plgpu.store(out_ref, out.astype(out_ref.dtype), mask=lanes)
 
 
-def _call(qkv, q_bias, key_bias, value_bias, keys, values, key_positions, query_positions, index,
+def _call(q, key, value, q_bias, key_bias, value_bias, keys, values, key_positions, query_positions, index,
           scale: float, interpret: bool):
+    """q, key, value: three [batch, heads, head_dim] arrays, or one [batch, 3, heads, head_dim] array thrice."""
     batch, slots, heads, head_dim = keys.shape
     lanes = _next_power_of_2(head_dim)
     span = max(_next_power_of_2(slots), BLOCK_SLOTS)
-    # The stacked projections go in three times, one block spec each. At
-    # batch 32 XLA computes them as one matmul; three separate inputs made it
-    # slice that output into three arrays (three kernels a layer), the
-    # stacked one costs a single concatenation (H100, 2.6B bf16 batch 32:
-    # 495 -> 431 kernels a step, 8,940 -> 9,080 tokens/s).
-    q, key, value = (pl.BlockSpec((None, None, None, lanes), lambda b, h, i=i: (b, i, h, 0)) for i in range(3))
     token = pl.BlockSpec((None, None, lanes), lambda b, h: (b, h, 0))
+    if q.ndim == 4:  # stacked: one block spec per third
+        projections = [pl.BlockSpec((None, None, None, lanes), lambda b, h, i=i: (b, i, h, 0)) for i in range(3)]
+    else:
+        projections = [token] * 3
     bias = pl.BlockSpec((None, lanes), lambda b, h: (h, 0))
     cache = pl.BlockSpec((None, span, None, lanes), lambda b, h: (b, 0, h, 0))
     row = pl.BlockSpec((None,), lambda b, h: (b,))
@@ -103,35 +102,30 @@ def _call(qkv, q_bias, key_bias, value_bias, keys, values, key_positions, query_
     return pl.pallas_call(
         kernel,
         grid=(batch, heads),
-        in_specs=[q, key, value, bias, bias, bias, cache, cache,
+        in_specs=[*projections, bias, bias, bias, cache, cache,
                   pl.BlockSpec((None, span), lambda b, h: (b, 0)), row, row],
         out_specs=[token, cache, cache],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, head_dim), qkv.dtype),
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, head_dim), q.dtype),
                    jax.ShapeDtypeStruct(keys.shape, keys.dtype),
                    jax.ShapeDtypeStruct(values.shape, values.dtype)],
         input_output_aliases={6: 1, 7: 2},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="pangu_decode_attention",
-    )(qkv, qkv, qkv, q_bias, key_bias, value_bias, keys, values, key_positions, query_positions, index)
-
-
-# On a mesh, every (row, head) is independent: XLA may split rows and heads
-# however the inputs are split, but each device needs all of a head's slots
-# and lanes. Without this rule it would gather the whole cache onto every device.
-_partitioned = custom_partitioning(_call, static_argnums=(9, 10))
+    )(q, key, value, q_bias, key_bias, value_bias, keys, values, key_positions, query_positions, index)
 
 
 def _shardings(mesh, arg_shapes):
+    stacked = len(arg_shapes[0].shape) == 4
     spec = tuple(arg_shapes[0].sharding.spec) + (None,) * 4
-    rows, heads = spec[0], spec[2]
-    stacked = NamedSharding(mesh, P(rows, None, heads, None))
+    rows, heads = spec[0], spec[2 if stacked else 1]
     token = NamedSharding(mesh, P(rows, heads, None))
+    projection = NamedSharding(mesh, P(rows, None, heads, None)) if stacked else token
     bias = NamedSharding(mesh, P(heads, None))
     cache = NamedSharding(mesh, P(rows, None, heads, None))
     row = NamedSharding(mesh, P(rows))
     return ((token, cache, cache),
-            (stacked, bias, bias, bias, cache, cache, NamedSharding(mesh, P(rows, None)), row, row))
+            (projection,) * 3 + (bias, bias, bias, cache, cache, NamedSharding(mesh, P(rows, None)), row, row))
 
 
 def _partition(scale, interpret, mesh, arg_shapes, result_shape):
@@ -143,38 +137,58 @@ def _partition(scale, interpret, mesh, arg_shapes, result_shape):
     return mesh, lower, out, args
 
 
-_partitioned.def_partition(
-    partition=_partition,
-    infer_sharding_from_operands=lambda scale, interpret, mesh, arg_shapes, result_shape: _shardings(
-        mesh, arg_shapes)[0],
-    sharding_rule="b c n d, n d, n d, n d, b s n d, b s n d, b s, b, b -> b n d, b s n d, b s n d",
-    need_replication_factors=("c", "d", "s"),  # in the order they first appear
-)
+# On a mesh, every (row, head) is independent: XLA may split rows and heads
+# however the inputs are split, but each device needs all of a head's slots
+# and lanes. Without this rule it would gather the whole cache onto every device.
+def _partitioned_call(projection: str):
+    """`_call` under `custom_partitioning`, for projections laid out as `projection` ("b n d" or "b c n d")."""
+    partitioned = custom_partitioning(_call, static_argnums=(11, 12))
+    partitioned.def_partition(
+        partition=_partition,
+        infer_sharding_from_operands=lambda scale, interpret, mesh, arg_shapes, result_shape: _shardings(
+            mesh, arg_shapes)[0],
+        sharding_rule=f"{projection}, {projection}, {projection}, n d, n d, n d, b s n d, b s n d, b s, b, b"
+                      " -> b n d, b s n d, b s n d",
+        need_replication_factors=("c", "d", "s") if "c" in projection else ("d", "s"),  # in order of appearance
+    )
+    return partitioned
+
+
+_SEPARATE, _STACKED = _partitioned_call("b n d"), _partitioned_call("b c n d")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret"), donate_argnames=("keys", "values"))
-def decode_attention(qkv: jax.Array, keys: jax.Array, values: jax.Array, key_positions: jax.Array,
-                     query_positions: jax.Array, index: jax.Array, *, scale: float,
+def decode_attention(qkv: jax.Array | tuple[jax.Array, jax.Array, jax.Array], keys: jax.Array, values: jax.Array,
+                     key_positions: jax.Array, query_positions: jax.Array, index: jax.Array, *, scale: float,
                      biases: tuple[jax.Array, jax.Array, jax.Array] | None = None,
                      interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Write one new key/value per row at cache slot `index`, then attend to the cache.
 
-    `qkv` [batch, 3, heads, head_dim]: the new token's query, key and value
-    projections, to which `biases` (query, key, value biases, each [heads,
-    head_dim]; default none) are added here, rounded to qkv's dtype (and the
-    key and value then to the cache's). `keys`, `values` [batch, slots,
-    heads, head_dim]: the cache, updated in place (donated). `key_positions`
-    [batch, slots]: every slot's position with the new token's already
-    written (-1: empty or padding); `query_positions` [batch]. Slots after
-    `index` are never read. Returns the attention output softmax(scale *
-    q.k) . v over the visible slots, [batch, heads, head_dim] in qkv's dtype
+    `qkv`: the new token's query, key and value projections, stacked
+    [batch, 3, heads, head_dim] or three [batch, heads, head_dim] (which
+    suits XLA better depends on the batch: see `model.Attention`), to which
+    `biases` (query, key, value biases, each [heads, head_dim]; default
+    none) are added here, rounded to q's dtype (and the key and value then
+    to the cache's). `keys`, `values` [batch, slots, heads, head_dim]: the
+    cache, updated in place (donated). `key_positions` [batch, slots]: every
+    slot's position with the new token's already written (-1: empty or
+    padding); `query_positions` [batch]. Slots after `index` are never read. Returns the attention output softmax(scale *
+    q.k) . v over the visible slots, [batch, heads, head_dim] in q's dtype
     (zeros for a row that sees no slot), and the updated keys and values.
     `interpret=True` runs the kernel in Pallas's interpreter (CPU). Inputs
     split over a mesh by rows and/or heads stay split.
     """
-    batch, _, heads, head_dim = qkv.shape
+    batch, _, heads, head_dim = keys.shape
+    stacked = not isinstance(qkv, (tuple, list))
+    q, key, value = (qkv,) * 3 if stacked else (tuple(qkv) + (None,) * 3)[:3]
+    shapes = [getattr(x, "shape", None) for x in ((qkv,) if stacked else qkv)]
+    if shapes != ([(batch, 3, heads, head_dim)] if stacked else [(batch, heads, head_dim)] * 3):
+        raise ValueError(f"decode_attention: qkv must be [batch, 3, heads, head_dim] = {(batch, 3, heads, head_dim)}"
+                         f" or three [batch, heads, head_dim] = {(batch, heads, head_dim)} (from the cache's shape "
+                         f"{keys.shape}), got {shapes[0] if stacked else shapes}")
     if biases is None:
-        biases = (jnp.zeros((heads, head_dim), qkv.dtype),) * 3
+        biases = (jnp.zeros((heads, head_dim), q.dtype),) * 3
     index = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (batch,))
-    return tuple(_partitioned(qkv, *biases, keys, values, key_positions.astype(jnp.int32),
-                              query_positions.astype(jnp.int32), index, scale, interpret))
+    return tuple((_STACKED if stacked else _SEPARATE)(
+        q, key, value, *biases, keys, values, key_positions.astype(jnp.int32), query_positions.astype(jnp.int32),
+        index, scale, interpret))

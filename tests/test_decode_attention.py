@@ -43,14 +43,16 @@ def _want(new, biases, keys, values, positions, query, index, scale):
     return _explicit(q, keys, values, positions, query, scale), keys, values
 
 
+@pytest.mark.parametrize("stacked", [True, False])
 @pytest.mark.parametrize("slots, index, head_dim", [(20, 11, 10), (144, 96, 80), (70, 69, 16), (130, 64, 8)])
-def test_kernel_writes_the_new_slot_and_equals_the_explicit_attention(slots, index, head_dim):
+def test_kernel_writes_the_new_slot_and_equals_the_explicit_attention(slots, index, head_dim, stacked):
     """Head dims that are not powers of two, caches not a whole number of blocks, the new slot first in a
-    block, left padding."""
+    block, left padding; projections stacked in one array or three."""
     rng = np.random.default_rng(slots)
     new, biases, keys, values, positions, query = _step(rng, 3, slots, 2, head_dim, (0, 5, index), index)
     want = _want(new, biases, keys, values, positions, query, index, 0.3)
-    got = decode_attention(jnp.stack(new, 1), keys.copy(), values.copy(), positions, query, index, scale=0.3,
+    qkv = jnp.stack(new, 1) if stacked else tuple(new)
+    got = decode_attention(qkv, keys.copy(), values.copy(), positions, query, index, scale=0.3,
                            biases=tuple(biases), interpret=True)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
     # The cache comes back with the new slot written and every other slot as it was.
@@ -62,7 +64,7 @@ def test_kernel_masks_later_positions_and_zeroes_rows_that_see_nothing():
     rng = np.random.default_rng(1)
     new, biases, keys, values, positions, _ = _step(rng, 2, 20, 2, 8, (0, 0), 11)
     query = np.array([4, -1], np.int32)  # row 0 sees positions 0..4 only; row 1 sees nothing
-    got = np.asarray(decode_attention(jnp.stack(new, 1), keys.copy(), values.copy(), positions, query, 11, scale=1.0,
+    got = np.asarray(decode_attention(tuple(new), keys.copy(), values.copy(), positions, query, 11, scale=1.0,
                                       biases=tuple(biases), interpret=True)[0])
     want = _want(new, biases, keys, values, positions, query, 11, 1.0)[0]
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
@@ -73,10 +75,19 @@ def test_kernel_without_biases_and_an_index_past_the_end_writes_the_last_slot():
     """As lax.dynamic_update_slice clamps its index, so does the kernel."""
     rng = np.random.default_rng(3)
     new, _, keys, values, positions, query = _step(rng, 2, 12, 2, 8, (0, 3), 11)
-    got = decode_attention(jnp.stack(new, 1), keys.copy(), values.copy(), positions, query, 40, scale=0.5, interpret=True)
+    got = decode_attention(jnp.stack(new, 1), keys.copy(), values.copy(), positions, query, 40, scale=0.5,
+                           interpret=True)
     want = _want(new, [np.zeros((2, 8), np.float32)] * 3, keys, values, positions, query, 11, 0.5)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qkv", [np.zeros((2, 2, 2, 8)), (np.zeros((2, 2, 8)),) * 2, (np.zeros((2, 2, 4)),) * 3])
+def test_projections_of_the_wrong_shape_are_named(qkv):
+    keys = np.zeros((2, 12, 2, 8), np.float32)
+    with pytest.raises(ValueError, match=r"qkv must be \[batch, 3, heads, head_dim\]"):
+        decode_attention(qkv, keys, keys.copy(), np.zeros((2, 12), np.int32), np.zeros(2, np.int32), 0,
+                         scale=1.0, interpret=True)
 
 
 def test_kernel_keeps_bfloat16_and_rounds_the_new_key_to_the_cache_dtype():
@@ -84,8 +95,8 @@ def test_kernel_keeps_bfloat16_and_rounds_the_new_key_to_the_cache_dtype():
     new, biases, keys, values, positions, query = _step(rng, 2, 20, 2, 10, (0, 3), 11)
     as16 = [jnp.asarray(x, jnp.bfloat16) for x in new]
     bias16 = tuple(jnp.asarray(x, jnp.bfloat16) for x in biases)
-    got = decode_attention(jnp.stack(as16, 1), jnp.asarray(keys, jnp.float16), jnp.asarray(values, jnp.float16), positions,
-                           query, 11, scale=0.3, biases=bias16, interpret=True)
+    got = decode_attention(jnp.stack(as16, 1), jnp.asarray(keys, jnp.float16), jnp.asarray(values, jnp.float16),
+                           positions, query, 11, scale=0.3, biases=bias16, interpret=True)
     assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float16
     # The model's rounding: q + bias in bfloat16, the new key then stored as the cache's float16.
     summed = [(a + b).astype(jnp.float16) for a, b in zip(as16, bias16)]
@@ -97,11 +108,12 @@ def test_kernel_keeps_bfloat16_and_rounds_the_new_key_to_the_cache_dtype():
     np.testing.assert_allclose(np.asarray(got[0], np.float32), want, atol=2e-2)
 
 
-def test_greedy_decoding_through_the_kernel_equals_the_explicit_path(monkeypatch):
+@pytest.mark.parametrize("prompts", [[[31, 47, 320, 155], [5, 9], [77, 78, 79, 80, 81, 82, 83, 84, 85]],
+                                     [[77, 78, 79, 80, 81, 82, 83, 84, 85]]], ids=["batch-3-stacked", "batch-1-three"])
+def test_greedy_decoding_through_the_kernel_equals_the_explicit_path(monkeypatch, prompts):
     """The model's decode steps through the kernel (prefill explicit, as on CPU): same tokens."""
     config, params = load_checkpoint(FIXTURES / "tiny_fp32.ckpt")
     params = model.unstack_layers(params)
-    prompts = [[31, 47, 320, 155], [5, 9], [77, 78, 79, 80, 81, 82, 83, 84, 85]]
     want = generate(config, params, prompts, 8, temperature=0, stop_ids=())
     for name, value in interpreted_kernels().items():
         monkeypatch.setattr(model, name, value)

@@ -68,6 +68,9 @@ for name, value in interpreted_kernels().items():
 jax.clear_caches()
 placed = shard_params(config, layers, make_mesh("data=2,tensor=4"))
 assert generate(config, placed, prompts, 8, temperature=0, stop_ids=()) == want
+# One row: the kernel takes q, k and v as three arrays (see model.Attention).
+assert generate(config, shard_params(config, layers, make_mesh("tensor=4")), prompts[:1], 8, temperature=0,
+                stop_ids=()) == want[:1]
 print("decode kernel equal on data=2,tensor=4")
 """
 
