@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from infer.bench import _card, _median_time, _print_table  # noqa: E402
 from pangu_jax import PanguConfig  # noqa: E402
+from pangu_jax.decode_attention import _next_power_of_2  # noqa: E402
 
 # Rows are padded to at least this many for the tensor cores (tl.dot needs
 # 16); a tl.dot also gets Triton's software pipelining of the weight loads,
@@ -75,10 +76,6 @@ class Tiles:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def _largest_dividing_power_of_2(n: int, cap: int) -> int:
