@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from infer.bench import _card, _median_time, _print_table  # noqa: E402
 from pangu_jax import PanguConfig  # noqa: E402
 from pangu_jax.decode_attention import _next_power_of_2  # noqa: E402
+from pangu_jax.model import LayerNorm  # noqa: E402
 
 # Rows are padded to at least this many for the tensor cores (tl.dot needs
 # 16); a tl.dot also gets Triton's software pipelining of the weight loads,
@@ -233,10 +234,8 @@ EPS = 1e-5
 
 
 def _layer_norm(x, scale, shift):
-    x = x.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.maximum(jnp.square(x).mean(-1, keepdims=True) - jnp.square(mean), 0)
-    return (x - mean) * jax.lax.rsqrt(var + EPS) * scale + shift
+    """The model's own LayerNorm."""
+    return LayerNorm(EPS).apply({"params": {"scale": scale, "bias": shift}}, x)
 
 
 def _ops(h: int, f: int, dtype, interpret: bool = False):
@@ -245,18 +244,16 @@ def _ops(h: int, f: int, dtype, interpret: bool = False):
         y = _layer_norm(x, a["scale"], a["shift"]).astype(dtype)
         return tuple(jnp.einsum("bk,nk->bn", y, w) for w in ws)
 
-    def xla_out(x, ws, a):
-        return (a["residual"] + (jnp.einsum("bk,nk->bn", x, ws[0], preferred_element_type=jnp.float32)
-                                 + a["bias"].astype(jnp.float32)),)
+    def into_residual(equation):
+        def run(x, ws, a):
+            return (a["residual"] + (jnp.einsum(equation, x, ws[0], preferred_element_type=jnp.float32)
+                                     + a["bias"].astype(jnp.float32)),)
+        return run
 
     def xla_up(x, ws, a):
         y = _layer_norm(x, a["scale"], a["shift"]).astype(dtype)
         z = jnp.einsum("bk,kn->bn", y, ws[0]).astype(jnp.float32) + a["bias"].astype(jnp.float32)
         return (jax.nn.gelu(z, approximate=True).astype(dtype),)
-
-    def xla_down(x, ws, a):
-        return (a["residual"] + (jnp.einsum("bk,kn->bn", x, ws[0], preferred_element_type=jnp.float32)
-                                 + a["bias"].astype(jnp.float32)),)
 
     def kernel(out_first, ln, bias, act, res, out_dtype):
         def run(x, ws, a, tiles):
@@ -268,9 +265,9 @@ def _ops(h: int, f: int, dtype, interpret: bool = False):
 
     return {
         "ln1+qkv": ((h, h), 3, h, True, xla_qkv, kernel(True, True, False, None, False, dtype)),
-        "out+bias+residual": ((h, h), 1, h, True, xla_out, kernel(True, False, True, None, True, jnp.float32)),
+        "out+bias+residual": ((h, h), 1, h, True, into_residual("bk,nk->bn"), kernel(True, False, True, None, True, jnp.float32)),
         "ln2+up+bias+gelu": ((h, f), 1, h, False, xla_up, kernel(False, True, True, "gelu_tanh", False, dtype)),
-        "down+bias+residual": ((f, h), 1, f, False, xla_down, kernel(False, False, True, None, True, jnp.float32)),
+        "down+bias+residual": ((f, h), 1, f, False, into_residual("bk,kn->bn"), kernel(False, False, True, None, True, jnp.float32)),
     }
 
 

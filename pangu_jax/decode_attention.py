@@ -172,20 +172,21 @@ def decode_attention(qkv: jax.Array | tuple[jax.Array, jax.Array, jax.Array], ke
     to the cache's). `keys`, `values` [batch, slots, heads, head_dim]: the
     cache, updated in place (donated). `key_positions` [batch, slots]: every
     slot's position with the new token's already written (-1: empty or
-    padding); `query_positions` [batch]. Slots after `index` are never read. Returns the attention output softmax(scale *
-    q.k) . v over the visible slots, [batch, heads, head_dim] in q's dtype
-    (zeros for a row that sees no slot), and the updated keys and values.
+    padding); `query_positions` [batch]. Slots after `index` are never
+    read. Returns the attention output softmax(scale * q.k) . v over the
+    visible slots, [batch, heads, head_dim] in q's dtype (zeros for a row
+    that sees no slot), and the updated keys and values.
     `interpret=True` runs the kernel in Pallas's interpreter (CPU). Inputs
     split over a mesh by rows and/or heads stay split.
     """
     batch, _, heads, head_dim = keys.shape
     stacked = not isinstance(qkv, (tuple, list))
-    q, key, value = (qkv,) * 3 if stacked else (tuple(qkv) + (None,) * 3)[:3]
     shapes = [getattr(x, "shape", None) for x in ((qkv,) if stacked else qkv)]
     if shapes != ([(batch, 3, heads, head_dim)] if stacked else [(batch, heads, head_dim)] * 3):
         raise ValueError(f"decode_attention: qkv must be [batch, 3, heads, head_dim] = {(batch, 3, heads, head_dim)}"
                          f" or three [batch, heads, head_dim] = {(batch, heads, head_dim)} (from the cache's shape "
                          f"{keys.shape}), got {shapes[0] if stacked else shapes}")
+    q, key, value = (qkv,) * 3 if stacked else qkv
     if biases is None:
         biases = (jnp.zeros((heads, head_dim), q.dtype),) * 3
     index = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (batch,))
