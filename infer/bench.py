@@ -1,6 +1,6 @@
 """Inference benchmark: one command per table, random weights, medians.
 
-    python infer/bench.py decode   --model 2.6B --dtypes float16,bfloat16
+    python infer/bench.py decode   --model 2.6B --dtypes float16,bfloat16 [--prompt 896]
     python infer/bench.py baselines --model 2.6B
     python infer/bench.py throughput --model 2.6B --batches 8,32,64
     python infer/bench.py prefill  --model 2.6B
@@ -379,6 +379,14 @@ def _card() -> str:
     return f"{getattr(d, 'device_kind', d.platform)} x{jax.device_count()} (jax {jax.__version__})"
 
 
+def append_record(path: str, command: str, card: str, rows: list[dict], **extra) -> None:
+    """Add one run (date, card, `extra`, command, rows) to the JSON list in `path` (for benchmarks/results/)."""
+    record = {"date": time.strftime("%Y-%m-%d"), "card": card, **extra, "command": command, "rows": rows}
+    existing = json.load(open(path)) if os.path.exists(path) else []
+    with open(path, "w") as f:
+        json.dump(existing + [record], f, indent=1)
+
+
 def _print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     print(f"\n## {title}")
     print("| " + " | ".join(columns) + " |")
@@ -414,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="decode, profile, throughput and tensor-parallel tables: auto, cudnn and/or explicit "
                         "(PanguConfig.attention)")
     p.add_argument("--memory-dtypes", help="decode table: dtypes of the peak-memory cases (default --dtypes; '' none)")
+    p.add_argument("--prompt", type=int, default=16,
+                   help="decode and throughput tables: prompt length (the decode is timed after it)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="append the rows to this JSON file")
@@ -424,15 +434,15 @@ def main(argv: list[str] | None = None) -> None:
     batches = list(map(int, args.batches.split(",")))
     attentions = args.attention.split(",")
     if args.table == "decode":
-        rows = [_run_case("decode", flags, model=args.model, dtype=d, batch=1, prompt=16, new=args.new_tokens,
-                          repeats=args.repeats, layout=lay, weights=w, attention=a)
+        rows = [_run_case("decode", flags, model=args.model, dtype=d, batch=1, prompt=args.prompt,
+                          new=args.new_tokens, repeats=args.repeats, layout=lay, weights=w, attention=a)
                 for w in args.weights.split(",") for lay in args.layouts.split(",") for d in dtypes
                 for a in attentions]
         memory_dtypes = dtypes if args.memory_dtypes is None else list(filter(None, args.memory_dtypes.split(",")))
         rows += [_run_case("memory", flags, model=args.model, dtype=d, weights=w)
                  for w in args.weights.split(",") for d in memory_dtypes]
-        cols = ["case", "model", "dtype", "weights", "layout", "attention", "batch", "ms_per_token", "tokens_per_s",
-                "limit_ms",
+        cols = ["case", "model", "dtype", "weights", "layout", "attention", "batch", "prompt", "ms_per_token",
+                "tokens_per_s", "limit_ms",
                 "ratio_to_limit", "copy_bandwidth_GBps", "peak_MiB", "peak_after_prefill_MiB", "prefill_temp_MiB",
                 "decode_temp_MiB", "original_MiB", "error"]
     elif args.table == "profile":
@@ -454,12 +464,12 @@ def main(argv: list[str] | None = None) -> None:
                 _run_case("hf", model=args.model, batch=1, new=args.new_tokens, repeats=3)]
         cols = ["case", "model", "dtype", "batch", "ms_per_token", "tokens_per_s", "error"]
     elif args.table == "throughput":
-        rows = [_run_case("decode", flags, model=args.model, dtype=dtypes[0], batch=b, prompt=16,
+        rows = [_run_case("decode", flags, model=args.model, dtype=dtypes[0], batch=b, prompt=args.prompt,
                           new=args.new_tokens, repeats=args.repeats, attention=a) for b in batches for a in attentions]
         hf_batches = batches if args.hf_batches is None else list(map(int, filter(None, args.hf_batches.split(","))))
         rows += [_run_case("hf", model=args.model, batch=b, new=args.new_tokens, repeats=3) for b in hf_batches]
-        cols = ["case", "model", "dtype", "attention", "batch", "ms_per_token", "tokens_per_s", "ratio_to_limit",
-                "peak_MiB", "error"]
+        cols = ["case", "model", "dtype", "attention", "batch", "prompt", "ms_per_token", "tokens_per_s",
+                "ratio_to_limit", "peak_MiB", "error"]
     elif args.table == "ttft":
         import tempfile
 
@@ -484,11 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         cols = ["case", "model", "dtype", "tokens", "ms", "tflops", "matmul_tflops", "mfu", "error"]
     _print_table(f"{args.table} on {card}, {time.strftime('%Y-%m-%d')}", rows, cols)
     if args.json:
-        record = {"date": time.strftime("%Y-%m-%d"), "card": card, "table": args.table,
-                  "command": "python infer/bench.py " + " ".join(argv), "rows": rows}
-        existing = json.load(open(args.json)) if os.path.exists(args.json) else []
-        with open(args.json, "w") as f:
-            json.dump(existing + [record], f, indent=1)
+        append_record(args.json, "python infer/bench.py " + " ".join(argv), card, rows, table=args.table)
 
 
 if __name__ == "__main__":

@@ -6,19 +6,21 @@ import json
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from infer import bench
 
 
 def test_decode_table_writes_its_rows(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    bench.main(["decode", "--model", "tiny", "--dtypes", "float32", "--new-tokens", "4", "--repeats", "1",
-                "--json", str(out)])
+    bench.main(["decode", "--model", "tiny", "--dtypes", "float32", "--prompt", "40", "--new-tokens", "4",
+                "--repeats", "1", "--json", str(out)])
     assert "| decode | tiny | float32 |" in capsys.readouterr().out
     (record,) = json.loads(out.read_text())
     decode, memory = record["rows"]
     assert "error" not in decode and "error" not in memory, record["rows"]
     assert decode["ms_per_token"] > 0 and decode["limit_ms"] > 0 and decode["vocab"] == "replicated"
+    assert decode["prompt"] == 40
     assert memory["weights_MiB"] > 0 and memory["prefill_temp_MiB"] > 0 and "decode_temp_MiB" in memory
 
 
@@ -60,3 +62,43 @@ def test_fused_matvec_experiment_computes_what_the_model_does():
             x = jnp.asarray(rng.normal(size=(rows, width)), jnp.float32)
             for want, got in zip(xla(x, weights, aux), kernel(x, weights, aux, experiment.Tiles(16, 32))):
                 np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{name}, {rows} rows")
+
+
+def test_compile_options_sweep_times_each_variant_from_the_same_state(tmp_path, capsys):
+    from benchmarks import compile_options_sweep as sweep
+
+    out = tmp_path / "sweep.json"
+    sweep.main(["--model", "tiny", "--dtype", "float32", "--batches", "2", "--variants", "default,fusion_autotuner",
+                "--new-tokens", "4", "--rounds", "1", "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    default, other = record["rows"]
+    assert default["variant"] == "default" and default["options"] == {} and default["ratio_to_first"] == 1
+    assert other["options"] == {"xla_gpu_experimental_enable_fusion_autotuner": True}
+    # The options change nothing a CPU computes: the same greedy tokens from the same prefilled state.
+    assert other["same_tokens_as_first"] and other["ms_per_step"] > 0 and other["compile_s"] > 0
+    assert "| fusion_autotuner | tiny |" in capsys.readouterr().out
+
+
+def test_compile_options_sweep_names_an_unknown_variant():
+    from benchmarks import compile_options_sweep as sweep
+
+    with pytest.raises(SystemExit, match="unknown variant 'fastest'"):
+        sweep.main(["--variants", "default,fastest"])
+
+
+def test_decode_attention_micro_reports_every_case(tmp_path):
+    from benchmarks import decode_attention_micro as micro
+
+    out = tmp_path / "micro.json"
+    micro.main(["--model", "tiny", "--batches", "1,2", "--positions", "3", "--slots", "20", "--repeats", "1",
+                "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    assert [(r["batch"], r["position"]) for r in record["rows"]] == [(1, 3), (2, 3)]
+    assert all(r["gpu_us_per_layer"] > 0 and r["read_GBps"] > 0 for r in record["rows"])
+
+
+def test_compile_options_sweep_runs_exhaustive_tiling_alone():
+    from benchmarks import compile_options_sweep as sweep
+
+    with pytest.raises(SystemExit, match="exhaustive_tiling must run alone"):
+        sweep.main(["--variants", "default,exhaustive_tiling"])

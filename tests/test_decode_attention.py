@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pangu_jax import generate, load_checkpoint, model
-from pangu_jax.decode_attention import decode_attention
+from pangu_jax.decode_attention import _splits, decode_attention
 
 from .conftest import FIXTURES, interpreted_kernels
 
@@ -44,10 +44,12 @@ def _want(new, biases, keys, values, positions, query, index, scale):
 
 
 @pytest.mark.parametrize("stacked", [True, False])
-@pytest.mark.parametrize("slots, index, head_dim", [(20, 11, 10), (144, 96, 80), (70, 69, 16), (130, 64, 8)])
+@pytest.mark.parametrize("slots, index, head_dim", [(20, 11, 10), (144, 96, 80), (70, 69, 16), (130, 64, 8),
+                                                   (300, 250, 16), (300, 11, 10), (260, 259, 8)])
 def test_kernel_writes_the_new_slot_and_equals_the_explicit_attention(slots, index, head_dim, stacked):
     """Head dims that are not powers of two, caches not a whole number of blocks, the new slot first in a
-    block, left padding; projections stacked in one array or three."""
+    block, left padding; projections stacked in one array or three. From 256 slots the (row, head)s'
+    slots are split over programs (most splits empty when `index` is early)."""
     rng = np.random.default_rng(slots)
     new, biases, keys, values, positions, query = _step(rng, 3, slots, 2, head_dim, (0, 5, index), index)
     want = _want(new, biases, keys, values, positions, query, index, 0.3)
@@ -60,26 +62,35 @@ def test_kernel_writes_the_new_slot_and_equals_the_explicit_attention(slots, ind
     np.testing.assert_allclose(got[2], want[2], rtol=1e-6, atol=1e-6)
 
 
-def test_kernel_masks_later_positions_and_zeroes_rows_that_see_nothing():
+@pytest.mark.parametrize("slots, index", [(20, 11), (300, 200)], ids=["one-program", "split"])
+def test_kernel_masks_later_positions_and_zeroes_rows_that_see_nothing(slots, index):
     rng = np.random.default_rng(1)
-    new, biases, keys, values, positions, _ = _step(rng, 2, 20, 2, 8, (0, 0), 11)
+    new, biases, keys, values, positions, _ = _step(rng, 2, slots, 2, 8, (0, 0), index)
     query = np.array([4, -1], np.int32)  # row 0 sees positions 0..4 only; row 1 sees nothing
-    got = np.asarray(decode_attention(tuple(new), keys.copy(), values.copy(), positions, query, 11, scale=1.0,
+    got = np.asarray(decode_attention(tuple(new), keys.copy(), values.copy(), positions, query, index, scale=1.0,
                                       biases=tuple(biases), interpret=True)[0])
-    want = _want(new, biases, keys, values, positions, query, 11, 1.0)[0]
+    want = _want(new, biases, keys, values, positions, query, index, 1.0)[0]
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
     assert not got[1].any()
 
 
-def test_kernel_without_biases_and_an_index_past_the_end_writes_the_last_slot():
+@pytest.mark.parametrize("slots", [12, 260], ids=["one-program", "split"])
+def test_kernel_without_biases_and_an_index_past_the_end_writes_the_last_slot(slots):
     """As lax.dynamic_update_slice clamps its index, so does the kernel."""
     rng = np.random.default_rng(3)
-    new, _, keys, values, positions, query = _step(rng, 2, 12, 2, 8, (0, 3), 11)
-    got = decode_attention(jnp.stack(new, 1), keys.copy(), values.copy(), positions, query, 40, scale=0.5,
+    new, _, keys, values, positions, query = _step(rng, 2, slots, 2, 8, (0, 3), slots - 1)
+    got = decode_attention(jnp.stack(new, 1), keys.copy(), values.copy(), positions, query, slots + 28, scale=0.5,
                            interpret=True)
-    want = _want(new, [np.zeros((2, 8), np.float32)] * 3, keys, values, positions, query, 11, 0.5)
+    want = _want(new, [np.zeros((2, 8), np.float32)] * 3, keys, values, positions, query, slots - 1, 0.5)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_long_caches_split_over_programs_only_when_rows_and_heads_are_few():
+    assert _splits(1, 144, 32) == 1  # short cache: one program per (row, head)
+    assert _splits(1, 1024, 32) == 16  # one per block of 64 slots
+    assert _splits(4, 1024, 32) == 8
+    assert _splits(32, 1024, 32) == 1  # 1024 programs already
 
 
 @pytest.mark.parametrize("qkv", [np.zeros((2, 2, 2, 8)), (np.zeros((2, 2, 8)),) * 2, (np.zeros((2, 2, 4)),) * 3])

@@ -72,6 +72,28 @@ assert generate(config, placed, prompts, 8, temperature=0, stop_ids=()) == want
 assert generate(config, shard_params(config, layers, make_mesh("tensor=4")), prompts[:1], 8, temperature=0,
                 stop_ids=()) == want[:1]
 print("decode kernel equal on data=2,tensor=4")
+
+# A cache long enough for the kernel to split each (row, head)'s slots over
+# programs (and join them), on the mesh and off it.
+from jax.sharding import NamedSharding
+from pangu_jax.decode_attention import decode_attention
+rng = np.random.default_rng(0)
+b, s, n, d = 2, 300, 4, 8
+qkv = rng.normal(size=(b, 3, n, d)).astype(np.float32)
+keys, values = (rng.normal(size=(b, s, n, d)).astype(np.float32) for _ in range(2))
+key_positions = np.broadcast_to(np.where(np.arange(s) <= 250, np.arange(s), -1), (b, s)).astype(np.int32)
+query = np.full((b,), 250, np.int32)
+run = lambda *a: decode_attention(*a, 250, scale=0.5, interpret=True)
+want_kernel = run(jnp.asarray(qkv), jnp.asarray(keys), jnp.asarray(values), key_positions, query)
+mesh = make_mesh("data=2,tensor=4")
+put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+cache = ("data", None, "tensor", None)
+got_kernel = run(put(qkv, "data", None, "tensor", None), put(keys, *cache), put(values, *cache),
+                 put(key_positions, "data", None), put(query, "data"))
+assert got_kernel[1].sharding.spec == P(*cache), got_kernel[1].sharding
+for g, w in zip(got_kernel, want_kernel):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+print("split decode kernel equal on data=2,tensor=4")
 """
 
 
@@ -86,6 +108,7 @@ def test_sharded_generation_equals_unsharded_on_8_fake_devices():
         assert f"greedy equal on {shape}" in result.stdout
     assert "int8 equal on data=2,tensor=4" in result.stdout
     assert "decode kernel equal on data=2,tensor=4" in result.stdout
+    assert "split decode kernel equal on data=2,tensor=4" in result.stdout
 
 
 def test_mesh_shapes_parse_and_bad_ones_are_named():
