@@ -53,7 +53,7 @@ def _splits(batch: int, slots: int, heads: int) -> int:
     """Programs per (row, head): 1, or for a long cache and few rows x heads, up to one per block."""
     if slots < SPLIT_FROM_SLOTS:
         return 1
-    return max(1, min(-(-TARGET_PROGRAMS // (batch * heads)), -(-slots // BLOCK_SLOTS)))
+    return min(-(-TARGET_PROGRAMS // (batch * heads)), -(-slots // BLOCK_SLOTS))  # both ceilings are >= 1
 
 
 def _kernel(q_ref, key_ref, value_ref, q_bias_ref, key_bias_ref, value_bias_ref, keys_ref, values_ref,
