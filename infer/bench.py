@@ -10,8 +10,9 @@
 
 Each case runs in its own process so that peak GPU memory
 (`memory_stats()['peak_bytes_in_use']`) belongs to that case alone. Every
-table states the card, the physical limit measured in the same run (copy
-bandwidth through JAX, bf16 matmul rate) and the ratio to it. `--json PATH`
+table states the card, the physical limit measured in the same run (memory
+bandwidth through JAX, the best of a copy, a memcpy and a read-only
+reduction; bf16 matmul rate) and the ratio to it. `--json PATH`
 writes the rows for benchmarks/results/.
 """
 
@@ -39,15 +40,68 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _stream_bytes() -> int:
+    """Bandwidth test size: 2 GiB, many times a GPU's L2; small on a CPU, where the numbers mean nothing."""
+    import jax
+
+    return 1 << 31 if jax.default_backend() == "gpu" else 1 << 26
+
+
 def measure_copy_bandwidth() -> float:
-    """Bytes read plus written per second by a large device-to-device pass."""
+    """Bytes read plus written per second by a large device-to-device elementwise pass."""
     import jax
     import jax.numpy as jnp
 
-    x = jnp.ones((1 << 30,), jnp.bfloat16)  # 2 GiB
+    x = jnp.ones((_stream_bytes() // 2,), jnp.bfloat16)
     scale = jax.jit(lambda v: v * 2)
-    seconds = _median_time(lambda: scale(x).block_until_ready(), 10)
+    seconds = _median_time(lambda: scale(x).block_until_ready(), 20)
     return 2 * x.nbytes / seconds
+
+
+def measure_torch_copy_bandwidth() -> float | None:
+    """Bytes read plus written per second by PyTorch's device-to-device copy (a cudaMemcpy), if it sees a GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    a = torch.empty(_stream_bytes(), dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+
+    def copy():
+        b.copy_(a)
+        torch.cuda.synchronize()
+
+    return 2 * a.numel() / _median_time(copy, 20)
+
+
+def measure_bandwidths() -> dict:
+    """Memory bandwidth (bytes/s) several ways, and the best, which sets the decode limit.
+
+    `copy`: an elementwise pass through JAX (bytes read plus written; the
+    measure of earlier results); `memcpy`: XLA's plain copy of a buffer;
+    `read`: row sums of a large matrix, a read-only stream like decoding's
+    matrix-vector products; `torch_copy`, where PyTorch sees a GPU: its
+    device-to-device copy. On an H200 these gave 2.6-2.8, 3.1-3.2, 2.8-3.1
+    and 4.1-4.2 TB/s (`benchmarks/bandwidth_check.py`), and 13B decoded at
+    3.6 TB/s: only the best is a physical limit.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((_stream_bytes() // 4 >> 13, 1 << 13), jnp.float32)
+    copy = jax.jit(jnp.copy)
+    row_sums = jax.jit(lambda v: v.sum(-1))
+    found = {
+        "copy": measure_copy_bandwidth(),
+        "memcpy": 2 * x.nbytes / _median_time(lambda: copy(x).block_until_ready(), 20),
+        "read": x.nbytes / _median_time(lambda: row_sums(x).block_until_ready(), 20),
+    }
+    torch_copy = measure_torch_copy_bandwidth()
+    if torch_copy:
+        found["torch_copy"] = torch_copy
+    return {**found, "best": max(found.values())}
 
 
 def measure_matmul_rate() -> float:
@@ -172,39 +226,59 @@ def _peak_bytes() -> int:
 def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repeats: int,
                 layout: str = "unstacked", mesh: str | None = None, weights: str = "float",
                 vocab: str = "replicated", attention: str = "auto") -> dict:
-    """ms per new token: the median time of one compiled chunk of decode steps, over its steps.
+    """ms per new token of `generate`'s decode: the whole decode loop on the device, timed apart from the prefill.
 
-    The prefill (first token) is timed apart, as the median of whole
-    prefill calls.
+    Also, as `stream_ms_per_token`, the same through `stream`, which hands
+    the tokens to the host after each compiled chunk: from its first token
+    (the prefill's) in the caller's hands to its last. The prefill (first
+    token) is timed apart, as the median of whole prefill calls.
     """
     import jax
     import numpy as np
 
     from pangu_jax.generate import start as start_generation
+    from pangu_jax.generate import stream
     from pangu_jax.model import init_cache
     from pangu_jax.sharding import make_mesh
 
     config, params = _device_model(model, dtype, layout, mesh, weights, vocab, attention)
-    bandwidth = measure_copy_bandwidth()
+    bandwidth = measure_bandwidths()
     prompts = np.random.default_rng(0).integers(10, config.vocab_size, (batch, prompt)).tolist()
+    options = dict(temperature=0, stop_ids=())
+
     def start():
-        return start_generation(config, params, prompts, new + 1, temperature=0, stop_ids=())
+        return start_generation(config, params, prompts, new + 1, **options)
+
+    def loop():
+        run = start()
+        jax.block_until_ready(run.state)
+        begin, steps_before = time.perf_counter(), int(run.state["step"])
+        run.decode(until=run.steps)
+        return time.perf_counter() - begin, int(jax.block_until_ready(run.state)["step"]) - steps_before
+
+    def streamed():  # from the first token in the caller's hands (the prefill's) to the last
+        chunks = stream(config, params, prompts, new + 1, **options)
+        next(chunks)
+        begin = time.perf_counter()
+        steps = sum(len(chunk[0]) for chunk in chunks)
+        return time.perf_counter() - begin, steps
 
     first = _median_time(lambda: jax.block_until_ready(start().state), repeats)
-    run = start()
-    chunk_time = _median_time(lambda: (run.decode(until=None), jax.block_until_ready(run.state)), repeats)
-    per_token = chunk_time / run.chunk
+    per_token, stream_per_token = (
+        statistics.median(seconds / steps for seconds, steps in [timed() for _ in range(repeats + 1)][1:])
+        for timed in (loop, streamed))  # the first run of each compiles
     devices = 1 if mesh is None else make_mesh(mesh).size
     weight_bytes = _tree_bytes(params)
     cache_bytes = _tree_bytes(jax.eval_shape(lambda: init_cache(config, batch, prompt + new)))
-    limit = (weight_bytes + cache_bytes) / devices / bandwidth
+    limit = (weight_bytes + cache_bytes) / devices / bandwidth["best"]
     return {
         "case": "decode", "model": model, "dtype": dtype, "weights": weights, "batch": batch, "prompt": prompt,
         "layout": layout, "mesh": mesh or "", "vocab": vocab, "attention": attention,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "ms_per_token": per_token * 1e3, "tokens_per_s": batch / per_token,
-        "limit_ms": limit * 1e3, "ratio_to_limit": limit / per_token,
-        "first_token_ms": first * 1e3, "weight_bytes": weight_bytes, "cache_bytes": cache_bytes,
-        "copy_bandwidth_GBps": bandwidth / 1e9, "peak_MiB": _peak_bytes() / 2**20,
+        "stream_ms_per_token": stream_per_token * 1e3, "limit_ms": limit * 1e3,
+        "ratio_to_limit": limit / per_token, "first_token_ms": first * 1e3, "weight_bytes": weight_bytes,
+        "cache_bytes": cache_bytes, **{f"{k}_bandwidth_GBps": v / 1e9 for k, v in bandwidth.items()},
+        "peak_MiB": _peak_bytes() / 2**20,
     }
 
 
@@ -442,8 +516,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += [_run_case("memory", flags, model=args.model, dtype=d, weights=w)
                  for w in args.weights.split(",") for d in memory_dtypes]
         cols = ["case", "model", "dtype", "weights", "layout", "attention", "batch", "prompt", "ms_per_token",
-                "tokens_per_s", "limit_ms",
-                "ratio_to_limit", "copy_bandwidth_GBps", "peak_MiB", "peak_after_prefill_MiB", "prefill_temp_MiB",
+                "stream_ms_per_token", "tokens_per_s", "limit_ms", "ratio_to_limit", "copy_bandwidth_GBps",
+                "memcpy_bandwidth_GBps", "read_bandwidth_GBps", "torch_copy_bandwidth_GBps", "peak_MiB", "peak_after_prefill_MiB", "prefill_temp_MiB",
                 "decode_temp_MiB", "original_MiB", "error"]
     elif args.table == "profile":
         rows = [_run_case("profile", flags, model=args.model, dtype=dtypes[0], batch=b, prompt=16, new=args.new_tokens,
@@ -468,8 +542,8 @@ def main(argv: list[str] | None = None) -> None:
                           new=args.new_tokens, repeats=args.repeats, attention=a) for b in batches for a in attentions]
         hf_batches = batches if args.hf_batches is None else list(map(int, filter(None, args.hf_batches.split(","))))
         rows += [_run_case("hf", model=args.model, batch=b, new=args.new_tokens, repeats=3) for b in hf_batches]
-        cols = ["case", "model", "dtype", "attention", "batch", "prompt", "ms_per_token", "tokens_per_s",
-                "ratio_to_limit", "peak_MiB", "error"]
+        cols = ["case", "model", "dtype", "attention", "batch", "prompt", "ms_per_token", "stream_ms_per_token",
+                "tokens_per_s", "ratio_to_limit", "peak_MiB", "error"]
     elif args.table == "ttft":
         import tempfile
 

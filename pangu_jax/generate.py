@@ -7,8 +7,8 @@ it would alone, and every row's next token reads the same column.
 The decode runs on the device in chunks of `chunk` steps, each a loop of
 fixed trip count (so the GPU is never stalled to ask the host whether to go
 on); `generate` runs the chunks in one `lax.while_loop` that stops once every
-row is done, and `stream` returns to the host after each chunk to hand out
-the new tokens. The state (tokens so far, cache, flags, per-row PRNG keys)
+row is done, and `stream` hands out each chunk's new tokens while the next
+chunk runs. The state (tokens so far, cache, flags, per-row PRNG keys)
 is donated from chunk to chunk, so the cache is updated in place.
 """
 
@@ -156,6 +156,16 @@ def _decode(
     return jax.lax.while_loop(lambda st: (st["step"] < until) & ~jnp.all(st["done"]), run_chunk, state)
 
 
+@jax.jit
+def _progress(state: State) -> State:
+    """Copies of the state's tokens, lengths, step and done flags.
+
+    The state itself is donated to the next chunk, so a stream reads these
+    copies while that chunk runs.
+    """
+    return {k: jnp.copy(state[k]) for k in ("out", "lengths", "step", "done")}
+
+
 def _chunk_size(steps: int) -> int:
     """CHUNK, or the smallest power of two covering the steps after the first."""
     size = 1
@@ -213,11 +223,17 @@ class _Run:
         self.state = _decode(self.config, self.params, self.state, sampler=self.sampler, stop_ids=self.stop_ids,
                              chunk=self.chunk, until=until)
 
-    def finished(self) -> bool:
-        return int(self.state["step"]) >= self.steps or bool(jnp.all(self.state["done"][: self.rows]))
+    def progress(self) -> State:
+        """Device copies of what the host reads (tokens, lengths, step, done), taken now: see `_progress`."""
+        return _progress(self.state)
 
-    def tokens(self) -> list[list[int]]:
-        out, lengths = np.asarray(self.state["out"]), np.asarray(self.state["lengths"])
+    def finished(self, progress: State | None = None) -> bool:
+        progress = self.state if progress is None else progress
+        return int(progress["step"]) >= self.steps or bool(jnp.all(progress["done"][: self.rows]))
+
+    def tokens(self, progress: State | None = None) -> list[list[int]]:
+        progress = self.state if progress is None else progress
+        out, lengths = np.asarray(progress["out"]), np.asarray(progress["lengths"])
         return [out[row, : lengths[row]].tolist() for row in range(self.rows)]
 
 
@@ -273,13 +289,23 @@ def stream(config: PanguConfig, params: Params, prompts: Sequence[Sequence[int]]
     Yields, per chunk, a list with each row's tokens since the last yield
     (empty once a row is done); joined, they equal `generate`'s result for
     the same arguments. `options` as for `start`.
+
+    Each chunk is dispatched before the previous one's tokens are read, so
+    the device never waits for the host (or the caller) between chunks.
+    When every row stops early, the one chunk already dispatched still runs
+    (its tokens are not handed out).
     """
     run = start(config, params, prompts, max_new_tokens, **options)
     given = [0] * run.rows
+    progress, steps = run.progress(), int(run.state["step"])
     while True:
-        tokens = run.tokens()
+        upcoming = None
+        if steps < run.steps:
+            run.decode(until=None)
+            upcoming, steps = run.progress(), steps + run.chunk
+        tokens = run.tokens(progress)
         yield [row[n:] for row, n in zip(tokens, given)]
         given = [len(row) for row in tokens]
-        if run.finished():
+        if upcoming is None or run.finished(progress):
             return
-        run.decode(until=None)
+        progress = upcoming

@@ -19,7 +19,11 @@ def test_decode_table_writes_its_rows(tmp_path, capsys):
     (record,) = json.loads(out.read_text())
     decode, memory = record["rows"]
     assert "error" not in decode and "error" not in memory, record["rows"]
-    assert decode["ms_per_token"] > 0 and decode["limit_ms"] > 0 and decode["vocab"] == "replicated"
+    assert decode["ms_per_token"] > 0 and decode["stream_ms_per_token"] > 0 and decode["vocab"] == "replicated"
+    # The limit comes from the best of the bandwidths measured in the run.
+    best = max(decode[f"{k}_bandwidth_GBps"] for k in ("copy", "memcpy", "read")) * 1e9
+    assert decode["best_bandwidth_GBps"] * 1e9 == pytest.approx(best)
+    assert decode["limit_ms"] == pytest.approx((decode["weight_bytes"] + decode["cache_bytes"]) / best * 1e3)
     assert decode["prompt"] == 40
     assert memory["weights_MiB"] > 0 and memory["prefill_temp_MiB"] > 0 and "decode_temp_MiB" in memory
 
@@ -102,3 +106,34 @@ def test_compile_options_sweep_runs_exhaustive_tiling_alone():
 
     with pytest.raises(SystemExit, match="exhaustive_tiling must run alone"):
         sweep.main(["--variants", "default,exhaustive_tiling"])
+
+
+def test_mlp_layout_micro_layouts_compute_the_same_and_every_pair_is_timed(tmp_path):
+    from benchmarks import mlp_layout_micro as micro
+    from pangu_jax import PanguConfig
+
+    c = PanguConfig.preset("tiny")
+    weights = micro.make_weights(c, jnp.float32, "in_out", "in_out", jax.random.key(0))
+    turned = [{**w, "up": w["up"].T, "down": w["down"].T} for w in weights]
+    x = jax.random.normal(jax.random.key(1), (2, c.hidden_size))
+    expected = micro.ffn_steps(c, jnp.float32, "in_out", "in_out")(weights, x)
+    got = micro.ffn_steps(c, jnp.float32, "out_in", "out_in")(turned, x)
+    assert jnp.allclose(got, expected, atol=1e-5)
+
+    out = tmp_path / "micro.json"
+    micro.main(["--model", "tiny", "--dtype", "float32", "--batches", "1", "--repeats", "1", "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    assert {(r["up"], r["down"]) for r in record["rows"]} == {(u, d) for u in micro.EQUATIONS for d in micro.EQUATIONS}
+    assert all(r["ms_per_step"] > 0 and r["weight_GBps"] > 0 for r in record["rows"])
+
+
+def test_bandwidth_check_reports_every_measure_per_round(tmp_path):
+    from benchmarks import bandwidth_check
+
+    out = tmp_path / "bandwidth.json"
+    bandwidth_check.main(["--rounds", "2", "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    assert [r["round"] for r in record["rows"]] == [0, 1]
+    for row in record["rows"]:
+        assert all(row[k] > 0 for k in ("copy", "memcpy", "read", "matvec"))
+        assert row["best"] == max(v for k, v in row.items() if k not in ("round", "best", "matvec"))

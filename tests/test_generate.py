@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -139,6 +141,20 @@ def test_streaming_hands_out_the_same_tokens_chunk_by_chunk(tiny_fp32):
     assert len(chunks) > 2  # the first token, then several chunks
     joined = [sum((c[row] for c in chunks), []) for row in range(2)]
     assert joined == generate(config, params, prompts, 40, **kwargs)
+
+
+def test_streaming_dispatches_each_chunk_before_handing_out_the_last(tiny_fp32, monkeypatch):
+    gen = importlib.import_module("pangu_jax.generate")  # the module, not the function of that name
+    config, params = tiny_fp32
+    events = []
+    decode = gen._Run.decode
+    monkeypatch.setattr(gen._Run, "decode", lambda run, until: (events.append("decode"), decode(run, until))[1])
+    for _ in gen.stream(config, params, [GREEDY[0]["prompt"]], 40, temperature=0, stop_ids=()):
+        events.append("yield")
+    # The device works on the next chunk while the caller holds the tokens
+    # of the last one; nothing is dispatched after the last chunk.
+    assert events == ["decode", "yield"] * (events.count("yield") - 1) + ["yield"]
+    assert events.count("decode") > 1
 
 
 def test_repetition_penalty_must_be_positive():
