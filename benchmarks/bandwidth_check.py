@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from infer.bench import _median_time, append_record, measure_bandwidths  # noqa: E402
+from infer.bench import _card, _median_time, append_record, measure_bandwidths  # noqa: E402
 
 
 def matvec_stream() -> float:
@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.json:
-        card = f"{jax.devices()[0].device_kind} (jax {jax.__version__})"
-        append_record(args.json, "python benchmarks/bandwidth_check.py " + " ".join(argv or sys.argv[1:]), card,
+        append_record(args.json, "python benchmarks/bandwidth_check.py " + " ".join(argv or sys.argv[1:]), _card(),
                       rows, unit="GB/s")
 
 

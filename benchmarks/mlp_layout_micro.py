@@ -29,7 +29,7 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from infer.bench import append_record, measure_bandwidths, profile_kernels  # noqa: E402
+from infer.bench import _card, append_record, measure_bandwidths, profile_kernels  # noqa: E402
 from pangu_jax import PanguConfig  # noqa: E402
 
 STEPS = 16
@@ -85,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     c = PanguConfig.preset(args.model)
     dtype = jnp.dtype(args.dtype)
-    card = f"{jax.devices()[0].device_kind} (jax {jax.__version__})"
     bandwidth = measure_bandwidths()
     rows = []
     for (up, down), batch in itertools.product(itertools.product(EQUATIONS, EQUATIONS),
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({k: v for k, v in row.items() if k not in ("top", "families")}), flush=True)
         rows.append(row)
     if args.json:
-        append_record(args.json, "python benchmarks/mlp_layout_micro.py " + " ".join(argv or sys.argv[1:]), card,
+        append_record(args.json, "python benchmarks/mlp_layout_micro.py " + " ".join(argv or sys.argv[1:]), _card(),
                       rows, **{f"{k}_bandwidth_GBps": v / 1e9 for k, v in bandwidth.items()})
 
 

@@ -11,8 +11,8 @@
 Each case runs in its own process so that peak GPU memory
 (`memory_stats()['peak_bytes_in_use']`) belongs to that case alone. Every
 table states the card, the physical limit measured in the same run (memory
-bandwidth through JAX, the best of a copy, a memcpy and a read-only
-reduction; bf16 matmul rate) and the ratio to it. `--json PATH`
+bandwidth, the best of JAX's elementwise pass, XLA's copy, a read-only
+reduction and PyTorch's device copy; bf16 matmul rate) and the ratio to it. `--json PATH`
 writes the rows for benchmarks/results/.
 """
 
@@ -80,7 +80,7 @@ def measure_bandwidths() -> dict:
     """Memory bandwidth (bytes/s) several ways, and the best, which sets the decode limit.
 
     `copy`: an elementwise pass through JAX (bytes read plus written; the
-    measure of earlier results); `memcpy`: XLA's plain copy of a buffer;
+    measure of earlier results); `xla_copy`: XLA's plain copy of a buffer;
     `read`: row sums of a large matrix, a read-only stream like decoding's
     matrix-vector products; `torch_copy`, where PyTorch sees a GPU: its
     device-to-device copy. On an H200 these gave 2.6-2.8, 3.1-3.2, 2.8-3.1
@@ -95,7 +95,7 @@ def measure_bandwidths() -> dict:
     row_sums = jax.jit(lambda v: v.sum(-1))
     found = {
         "copy": measure_copy_bandwidth(),
-        "memcpy": 2 * x.nbytes / _median_time(lambda: copy(x).block_until_ready(), 20),
+        "xla_copy": 2 * x.nbytes / _median_time(lambda: copy(x).block_until_ready(), 20),
         "read": x.nbytes / _median_time(lambda: row_sums(x).block_until_ready(), 20),
     }
     torch_copy = measure_torch_copy_bandwidth()
@@ -517,8 +517,8 @@ def main(argv: list[str] | None = None) -> None:
                  for w in args.weights.split(",") for d in memory_dtypes]
         cols = ["case", "model", "dtype", "weights", "layout", "attention", "batch", "prompt", "ms_per_token",
                 "stream_ms_per_token", "tokens_per_s", "limit_ms", "ratio_to_limit", "copy_bandwidth_GBps",
-                "memcpy_bandwidth_GBps", "read_bandwidth_GBps", "torch_copy_bandwidth_GBps", "peak_MiB", "peak_after_prefill_MiB", "prefill_temp_MiB",
-                "decode_temp_MiB", "original_MiB", "error"]
+                "xla_copy_bandwidth_GBps", "read_bandwidth_GBps", "torch_copy_bandwidth_GBps", "peak_MiB",
+                "peak_after_prefill_MiB", "prefill_temp_MiB", "decode_temp_MiB", "original_MiB", "error"]
     elif args.table == "profile":
         rows = [_run_case("profile", flags, model=args.model, dtype=dtypes[0], batch=b, prompt=16, new=args.new_tokens,
                           weights=w, mesh=args.mesh, hlo_dir=args.dump_hlo, vocab=args.vocab, attention=a)
