@@ -70,7 +70,7 @@ def sweep(config, params, batch: int, variants: list[str], *, prompt: int, new: 
     run = start(config, params, prompts, new + 1, temperature=0, stop_ids=())
     prefilled = run.state
     lowered = _decode.lower(config, params, prefilled, sampler=run.sampler, stop_ids=run.stop_ids,
-                            chunk=run.chunk, until=None)
+                            chunk=run.chunk, to_end=False)
 
     def fresh():
         return jax.block_until_ready(jax.tree.map(lambda x: x.copy(), prefilled))

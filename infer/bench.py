@@ -253,7 +253,7 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
         run = start()
         jax.block_until_ready(run.state)
         begin, steps_before = time.perf_counter(), int(run.state["step"])
-        run.decode(until=run.steps)
+        run.decode(to_end=True)
         return time.perf_counter() - begin, int(jax.block_until_ready(run.state)["step"]) - steps_before
 
     def streamed():  # from the first token in the caller's hands (the prefill's) to the last
@@ -297,17 +297,17 @@ def case_profile(model: str, dtype: str, batch: int, prompt: int, new: int, layo
     config, params = _device_model(model, dtype, layout, mesh, weights, vocab, attention)
     prompts = np.random.default_rng(0).integers(10, config.vocab_size, (batch, prompt)).tolist()
     run = start_generation(config, params, prompts, new + 1, temperature=0, stop_ids=())
-    run.decode(until=None)  # compile
+    run.decode(to_end=False)  # compile
     jax.block_until_ready(run.state)
     if hlo_dir:
         from pangu_jax.generate import _decode
 
         lowered = _decode.lower(config, params, run.state, sampler=run.sampler, stop_ids=run.stop_ids,
-                                chunk=run.chunk, until=None)
+                                chunk=run.chunk, to_end=False)
         name = f"decode-{model}-{dtype}-{weights}-b{batch}{'-' + mesh if mesh else ''}.hlo.txt"
         with open(os.path.join(hlo_dir, name), "w") as f:
             f.write(lowered.compile().as_text())
-    found = profile_kernels(lambda: (run.decode(until=None), run.state)[1], run.chunk)
+    found = profile_kernels(lambda: (run.decode(to_end=False), run.state)[1], run.chunk)
     return {"case": "profile", "model": model, "dtype": dtype, "weights": weights, "batch": batch,
             "layout": layout, "mesh": mesh or "", "vocab": vocab, "attention": attention,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), **found}
@@ -352,13 +352,13 @@ def case_memory(model: str, dtype: str, layout: str = "unstacked", weights: str 
     run = start_generation(config, params, prompt, new, temperature=0, stop_ids=())
     jax.block_until_ready(run.state)
     peak_prefill = _peak_bytes()
-    run.decode(until=run.steps)
+    run.decode(to_end=True)
     jax.block_until_ready(run.state)
     peak = _peak_bytes()
     tokens = np.zeros((1, config.max_positions), np.int32)
     analysis = prefill.lower(config, params, tokens, tokens, config.max_positions + 64).compile().memory_analysis()
     decode_analysis = _decode.lower(config, params, run.state, sampler=run.sampler, stop_ids=run.stop_ids,
-                                    chunk=run.chunk, until=run.steps).compile().memory_analysis()
+                                    chunk=run.chunk, to_end=True).compile().memory_analysis()
     original = ORIGINAL_MIB.get(f"{model}/{dtype}")
     return {"case": "memory", "model": model, "dtype": dtype, "weights": weights, "layout": layout,
             "context": config.max_positions,

@@ -2,7 +2,10 @@
 
 Prompts of different lengths are left-padded to a shared bucket; padding
 slots hold position -1 and are never attended to, so each row computes what
-it would alone, and every row's next token reads the same column.
+it would alone, and every row's next token reads the same column. The room
+for new tokens is bucketed too, and each row's limit is data, so other
+prompt lengths and token counts in the same buckets reuse the compiled
+programs.
 
 The decode runs on the device in chunks of `chunk` steps, each a loop of
 fixed trip count (so the GPU is never stalled to ask the host whether to go
@@ -130,7 +133,7 @@ def _prefill(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "sampler", "stop_ids", "chunk", "until"), donate_argnames="state"
+    jax.jit, static_argnames=("config", "sampler", "stop_ids", "chunk", "to_end"), donate_argnames="state"
 )
 def _decode(
     config: PanguConfig,
@@ -140,9 +143,14 @@ def _decode(
     sampler: Sampler,
     stop_ids: tuple[int, ...],
     chunk: int,
-    until: int | None,
+    to_end: bool,
 ) -> State:
-    """One chunk of `chunk` steps; with `until`, chunks until every row is done or `until` steps are taken."""
+    """One chunk of `chunk` steps; with `to_end`, chunks until every row is done.
+
+    A row is done at a stop token or at its own limit (`state["limits"]`),
+    which the state carries: how many steps that takes is no part of the
+    compiled program, so another `max_new_tokens` does not recompile.
+    """
 
     def step(_, st: State) -> State:
         logits, cache = forward(config, params, st["last"][:, None], cache=st["cache"])
@@ -151,9 +159,9 @@ def _decode(
     def run_chunk(st: State) -> State:
         return jax.lax.fori_loop(0, chunk, step, st)
 
-    if until is None:
+    if not to_end:
         return run_chunk(state)
-    return jax.lax.while_loop(lambda st: (st["step"] < until) & ~jnp.all(st["done"]), run_chunk, state)
+    return jax.lax.while_loop(lambda st: ~jnp.all(st["done"]), run_chunk, state)
 
 
 @jax.jit
@@ -213,15 +221,18 @@ class _Run:
                       for x in inputs]
         self.config, self.params, self.sampler = config, params, sampler
         self.stop_ids = tuple(int(s) for s in stop_ids)
+        # Room for the new tokens (and a last chunk's overshoot) in a bucket,
+        # so that other token counts in the same bucket reuse the programs.
+        room = bucket(self.steps + self.chunk, 1 << 30)
         self.state = _prefill(
-            config, params, *inputs, sampler=sampler, stop_ids=self.stop_ids,
-            cache_length=width + bucket(self.steps + self.chunk, 1 << 30), out_width=self.steps + self.chunk,
-            mesh=mesh, rules=tuple(rules),
+            config, params, *inputs, sampler=sampler, stop_ids=self.stop_ids, cache_length=width + room,
+            out_width=room, mesh=mesh, rules=tuple(rules),
         )
 
-    def decode(self, until: int | None) -> None:
+    def decode(self, to_end: bool) -> None:
+        """One compiled chunk of steps, or with `to_end` chunks on the device until every row is done."""
         self.state = _decode(self.config, self.params, self.state, sampler=self.sampler, stop_ids=self.stop_ids,
-                             chunk=self.chunk, until=until)
+                             chunk=self.chunk, to_end=to_end)
 
     def progress(self) -> State:
         """Device copies of what the host reads (tokens, lengths, step, done), taken now: see `_progress`."""
@@ -278,7 +289,7 @@ def generate(config: PanguConfig, params: Params, prompts: Sequence[Sequence[int
     """
     run = start(config, params, prompts, max_new_tokens, **options)
     if not run.finished():
-        run.decode(until=run.steps)
+        run.decode(to_end=True)
     return run.tokens()
 
 
@@ -301,7 +312,7 @@ def stream(config: PanguConfig, params: Params, prompts: Sequence[Sequence[int]]
     while True:
         upcoming = None
         if steps < run.steps:
-            run.decode(until=None)
+            run.decode(to_end=False)
             upcoming, steps = run.progress(), steps + run.chunk
         tokens = run.tokens(progress)
         yield [row[n:] for row, n in zip(tokens, given)]

@@ -137,3 +137,13 @@ def test_bandwidth_check_reports_every_measure_per_round(tmp_path):
     for row in record["rows"]:
         assert all(row[k] > 0 for k in ("copy", "xla_copy", "read", "matvec"))
         assert row["best"] == max(v for k, v in row.items() if k not in ("round", "best", "matvec"))
+
+
+def test_token_count_recompile_reports_one_row_per_call(tmp_path):
+    from benchmarks import token_count_recompile
+
+    out = tmp_path / "recompile.json"
+    token_count_recompile.main(["--model", "tiny", "--counts", "3,5", "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    assert [(r["max_new_tokens"], r["new_tokens"]) for r in record["rows"]] == [(3, 3), (5, 5)]
+    assert all(r["seconds"] > 0 and r["decode_programs"] >= 1 for r in record["rows"])

@@ -148,13 +148,24 @@ def test_streaming_dispatches_each_chunk_before_handing_out_the_last(tiny_fp32, 
     config, params = tiny_fp32
     events = []
     decode = gen._Run.decode
-    monkeypatch.setattr(gen._Run, "decode", lambda run, until: (events.append("decode"), decode(run, until))[1])
+    monkeypatch.setattr(gen._Run, "decode", lambda run, to_end: (events.append("decode"), decode(run, to_end))[1])
     for _ in gen.stream(config, params, [GREEDY[0]["prompt"]], 40, temperature=0, stop_ids=()):
         events.append("yield")
     # The device works on the next chunk while the caller holds the tokens
     # of the last one; nothing is dispatched after the last chunk.
     assert events == ["decode", "yield"] * (events.count("yield") - 1) + ["yield"]
     assert events.count("decode") > 1
+
+
+def test_another_token_count_in_the_same_bucket_reuses_the_compiled_programs(tiny_fp32):
+    gen = importlib.import_module("pangu_jax.generate")
+    config, params = tiny_fp32
+    prompt = [GREEDY[0]["prompt"]]
+    shorter = generate(config, params, prompt, 20, temperature=0, stop_ids=())
+    compiled = gen._prefill._cache_size(), gen._decode._cache_size()
+    longer = generate(config, params, prompt, 30, temperature=0, stop_ids=())  # the same 64-token bucket
+    assert (gen._prefill._cache_size(), gen._decode._cache_size()) == compiled
+    assert len(shorter[0]) == 20 and longer[0][:20] == shorter[0] and len(longer[0]) == 30
 
 
 def test_repetition_penalty_must_be_positive():
