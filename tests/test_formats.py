@@ -250,7 +250,7 @@ def test_npy_refuses_bfloat16_and_leaves_nothing(tmp_path):
 def test_orbax_store_records_config_and_tokenizer(tmp_path, sequences):
     convert(FP32, tmp_path / "store", progress=False)
     marker = json.loads((tmp_path / "store" / "pangu_jax.json").read_text())
-    assert marker["format_version"] == 2
+    assert marker["format_version"] == 3
     assert marker["tokenizer"] == {"vocab_sha256": "18857e86783e50cfcaa0bc3c043fb4e9b5f240b885d2870ea593ee69b44f7a3a",
                                    "eod_id": 8, "eot_id": 9, "pad_id": 6}
     assert max_logit_error(tmp_path / "store", sequences) < 1e-4
@@ -267,8 +267,8 @@ def test_orbax_store_refuses_other_versions_and_unknown_mesh_axes(tmp_path):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     with pytest.raises(ValueError, match=r"rules name mesh axes \['tensor'\], but the mesh has \['data'\]"):
         load_orbax(tmp_path / "store", mesh=mesh)
-    (tmp_path / "store" / "pangu_jax.json").write_text(json.dumps({"format_version": 3}))
-    with pytest.raises(CheckpointFormatError, match="format_version 3; this version reads 1 and 2"):
+    (tmp_path / "store" / "pangu_jax.json").write_text(json.dumps({"format_version": 4}))
+    with pytest.raises(CheckpointFormatError, match="format_version 4; this version reads 1, 2 and 3"):
         load_checkpoint(tmp_path / "store")
 
 
@@ -374,6 +374,37 @@ def test_orbax_still_reads_version_1_stores(tmp_path):
     with pytest.raises(CheckpointFormatError, match=r"v1/params: cannot restore the tree of config\.json "
                                                     r"\(.*not found"):
         load_orbax(old)
+
+
+def test_orbax_int8_stores_round_trip_and_version_2_ones_are_turned(tmp_path):
+    """Version 2 held an int8 model's FFN matrices input first; one is written here as it was then."""
+    config8, params8 = load_checkpoint(FP32, int8=True)
+    assert params8["blocks"]["mlp"]["up_kernel"].shape == (2, 256, 64)  # [layers, mlp, embed]: output first
+    save_orbax(tmp_path / "v3", config8, params8)
+    config, restored = load_orbax(tmp_path / "v3")
+    assert config == config8
+    for a, b in zip(_leaves(params8), _leaves(restored)):
+        np.testing.assert_array_equal(a, b)
+    import orbax.checkpoint as ocp
+
+    old = tmp_path / "v2"
+    shutil.copytree(tmp_path / "v3", old)
+    with ocp.StandardCheckpointer() as checkpointer:
+        for group in ("blocks", "top_query_layer"):
+            for name in ("up_kernel", "down_kernel"):
+                piece = f"{group}.mlp.{name}"
+                shutil.rmtree(old / "params" / piece)
+                checkpointer.save(old / "params" / piece, {piece: jnp.swapaxes(params8[group]["mlp"][name], -1, -2)})
+        checkpointer.wait_until_finished()
+    marker = json.loads((old / "pangu_jax.json").read_text())
+    (old / "pangu_jax.json").write_text(json.dumps({**marker, "format_version": 2}))
+    for mesh in (None, make_mesh("tensor=1")):
+        _, turned = load_orbax(old, mesh=mesh)
+        for a, b in zip(_leaves(params8), _leaves(turned)):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(CheckpointFormatError, match=r"v3: an int8 store cannot be converted"):
+        convert(tmp_path / "v3", tmp_path / "out", to="mindspore", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 _MESH_SCRIPT = """

@@ -31,7 +31,7 @@ from .loader import CheckpointMismatchError, assemble_params, check_tensors, inf
 from .megatron_format import is_megatron_dir, read_megatron
 from .mindspore_format import CheckpointFormatError, read_mindspore_index, write_mindspore
 from .npy_format import read_npy_dir, write_npy_dir
-from .orbax_store import MARKER, load_orbax, mindspore_view, save_orbax_stream
+from .orbax_store import MARKER, load_orbax, mindspore_view, read_orbax_config, save_orbax_stream
 from .storage import LazyTensor
 
 __all__ = ["FORMATS", "RELEASE_MD5", "ConversionSummary", "Source", "compare_logits", "convert",
@@ -98,6 +98,10 @@ def open_source(path: str | os.PathLike, fmt: str | None = None) -> Source:
         config, tensors = read_megatron(path)
         return Source(fmt, path, config, tensors)
     if fmt == "orbax":
+        if read_orbax_config(path).weights == "int8":
+            raise CheckpointFormatError(
+                f"{path}: an int8 store cannot be converted (the formats hold float matrices, not int8 values "
+                "with scales); convert the float checkpoint it was quantized from")
         config, params = load_orbax(path)
         return Source(fmt, path, config, mindspore_view(config, params))
     raise ValueError(f"unknown format {fmt!r}; expected one of {(*FORMATS, 'megatron')}")

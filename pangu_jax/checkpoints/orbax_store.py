@@ -1,6 +1,6 @@
 """Our native checkpoint: the parameter tree saved by orbax a leaf at a time, beside its config.
 
-A store (format version 2) is a directory::
+A store (format version 3) is a directory::
 
     params/         one orbax checkpoint per leaf of the tree, named by its path
                     ("word_embedding", "blocks.mlp.up_kernel", ...; the blocks'
@@ -11,8 +11,10 @@ A store (format version 2) is a directory::
 Orbax saves what it is handed as one unit and keeps host copies of all of
 it until the end; writing a leaf at a time lets a conversion build, write and
 drop each leaf in turn, so the host never holds the whole model, only its
-largest leaf (a stacked blocks matrix). Version 1 stores, whose params/ is
-one orbax checkpoint of the whole tree, are still read.
+largest leaf (a stacked blocks matrix). Older stores are still read:
+version 1 kept params/ as one orbax checkpoint of the whole tree, with the
+attention matrices input first; versions 1 and 2 kept an int8 model's FFN
+matrices input first (version 3: output first, as `quantize` makes them).
 
 A store is restored from abstract shapes, so each array can go straight into
 its shards on a device mesh without ever being whole on one device.
@@ -43,8 +45,8 @@ from .storage import LazyTensor, atomic_directory
 __all__ = ["FORMAT_VERSION", "MARKER", "load_orbax", "mindspore_view", "read_orbax_config", "save_orbax",
            "save_orbax_stream"]
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MARKER = "pangu_jax.json"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -161,7 +163,7 @@ def _read_store(path: Path) -> tuple[PanguConfig, int]:
         raise CheckpointFormatError(f"{path}: not a readable pangu_jax store ({e})") from None
     version = marker.get("format_version")
     if version not in READABLE_VERSIONS:
-        readable = " and ".join(map(str, READABLE_VERSIONS))
+        readable = ", ".join(map(str, READABLE_VERSIONS[:-1])) + f" and {READABLE_VERSIONS[-1]}"
         raise CheckpointFormatError(f"{path / MARKER}: format_version {version!r}; this version reads {readable}")
     return config, version
 
@@ -190,28 +192,44 @@ def load_orbax(
     )
     import orbax.checkpoint as ocp
 
+    specs = _flatten(target)
+    perms = {key: _stored_permutation(version, config, key, len(spec.shape)) for key, spec in specs.items()}
+    stored = {key: spec if perms[key] is None else _as_stored(spec, perms[key]) for key, spec in specs.items()}
     with ocp.StandardCheckpointer() as checkpointer:
-        restore = _restore_tree if version == 1 else _restore_pieces
-        return config, restore(checkpointer, path / PARAMS_DIR, target)
+        if version == 1:
+            leaves = _restore_tree(checkpointer, path / PARAMS_DIR, target, list(stored.values()))
+        else:
+            leaves = [_restore_piece(checkpointer, path / PARAMS_DIR, key, spec) for key, spec in stored.items()]
+    leaves = [leaf if perms[key] is None else _turn(leaf, perms[key], specs[key].sharding)
+              for key, leaf in zip(specs, leaves)]
+    return config, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
 
 
 # Version 1 stored the attention matrices input first: query/key/value
-# [embed, heads, head_dim], output [heads, head_dim, embed]. Version 2 stores
-# them output first, as the model now holds them; each maps by a permutation
-# of its last three dims (new = old.transpose(...)).
+# [embed, heads, head_dim], output [heads, head_dim, embed]. Later versions
+# store them output first, as the model holds them; each maps by a
+# permutation of its last three dims (new = old.transpose(...)).
 V1_ATTENTION = {"query_kernel": (1, 2, 0), "key_kernel": (1, 2, 0), "value_kernel": (1, 2, 0),
                 "output_kernel": (2, 0, 1)}
+# Versions 1 and 2 stored an int8 model's FFN matrices input first, as a
+# float model's are; version 3 output first (their last two dims swapped).
+V2_INT8_MLP = ("up_kernel", "down_kernel")
 
 
-def _v1_permutation(key: TreePath, ndim: int) -> tuple[int, ...] | None:
-    """The transpose taking this leaf from its version-1 layout to ours, or None if it did not change."""
-    if len(key) < 2 or key[-2] != "attention" or key[-1] not in V1_ATTENTION:
+def _stored_permutation(version: int, config: PanguConfig, key: TreePath, ndim: int) -> tuple[int, ...] | None:
+    """The transpose taking this leaf from the layout store `version` holds it in to ours, or None if the same."""
+    if len(key) < 2:
         return None
-    lead = ndim - 3  # the stacked blocks' layers axis
-    return tuple(range(lead)) + tuple(lead + p for p in V1_ATTENTION[key[-1]])
+    if version == 1 and key[-2] == "attention" and key[-1] in V1_ATTENTION:
+        lead = ndim - 3  # the stacked blocks' layers axis
+        return tuple(range(lead)) + tuple(lead + p for p in V1_ATTENTION[key[-1]])
+    if version <= 2 and config.weights == "int8" and key[-2] == "mlp" and key[-1] in V2_INT8_MLP:
+        return tuple(range(ndim - 2)) + (ndim - 1, ndim - 2)
+    return None
 
 
-def _as_stored_in_v1(spec: jax.ShapeDtypeStruct, perm: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+def _as_stored(spec: jax.ShapeDtypeStruct, perm: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    """`spec` (ours) as the store holds it, which `perm` turns into ours."""
     inverse = np.argsort(perm)
     sharding = spec.sharding
     if isinstance(sharding, NamedSharding):
@@ -220,33 +238,25 @@ def _as_stored_in_v1(spec: jax.ShapeDtypeStruct, perm: tuple[int, ...]) -> jax.S
     return jax.ShapeDtypeStruct(tuple(spec.shape[i] for i in inverse), spec.dtype, sharding=sharding)
 
 
-def _restore_tree(checkpointer, params_dir: Path, target: dict) -> dict:
-    """Version 1: the whole tree is one orbax checkpoint, attention matrices input first."""
-    specs = _flatten(target)
-    perms = {key: _v1_permutation(key, len(spec.shape)) for key, spec in specs.items()}
-    stored = {key: spec if perms[key] is None else _as_stored_in_v1(spec, perms[key]) for key, spec in specs.items()}
+def _turn(leaf: jax.Array, perm: tuple[int, ...], sharding) -> jax.Array:
+    """The leaf transposed by `perm` into `sharding`; the stored copy is freed."""
+    turned = jax.jit(functools.partial(jnp.transpose, axes=perm), out_shardings=sharding)(leaf)
+    leaf.delete()
+    return turned
+
+
+def _restore_tree(checkpointer, params_dir: Path, target: dict, stored: list) -> list[jax.Array]:
+    """Version 1: the whole tree is one orbax checkpoint; its leaves as `stored` describes them."""
     treedef = jax.tree_util.tree_structure(target)
     try:
-        tree = checkpointer.restore(params_dir, jax.tree_util.tree_unflatten(treedef, list(stored.values())))
+        tree = checkpointer.restore(params_dir, jax.tree_util.tree_unflatten(treedef, stored))
     except (ValueError, FileNotFoundError) as e:
         raise CheckpointFormatError(f"{params_dir}: cannot restore the tree of {CONFIG_FILE} ({e})") from None
-    leaves = []
-    for (key, spec), leaf in zip(specs.items(), jax.tree_util.tree_leaves(tree)):
-        if perms[key] is not None:
-            turned = jax.jit(functools.partial(jnp.transpose, axes=perms[key]), out_shardings=spec.sharding)(leaf)
-            leaf.delete()
-            leaf = turned
-        leaves.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _restore_pieces(checkpointer, params_dir: Path, target: dict) -> dict:
-    """Version 2: one orbax checkpoint per leaf, restored one after the other."""
-    restored = [_restore_piece(checkpointer, params_dir, key, spec) for key, spec in _flatten(target).items()]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), restored)
+    return jax.tree_util.tree_leaves(tree)
 
 
 def _restore_piece(checkpointer, params_dir: Path, key: TreePath, spec: jax.ShapeDtypeStruct) -> jax.Array:
+    """Version 2 on: one orbax checkpoint per leaf."""
     name = _piece_name(key)
     try:
         return checkpointer.restore(params_dir / name, {name: spec})[name]
