@@ -203,7 +203,9 @@ def test_int8_products_reduce_on_a_gpu_only():
 @pytest.mark.parametrize("equation, x_shape, w_shape, channels, reduced", [
     ("bte,nke->btnk", (1, 1, 8), (3, 4, 8), (0, 1), True),  # query/key/value: output first
     ("bti,ei->bte", (1, 1, 6), (5, 6), (0,), True),  # attention output
-    ("bti,oi->bto", (1, 1, 6), (7, 6), (0,), True),  # int8 FFN: output first
+    ("bti,oi->bto", (1, 1, 6), (7, 6), (0,), True),  # int8 FFN up: output first
+    ("bti,oi->bto", (1, 1, 12), (3, 12), (0,), True),  # int8 FFN down: rows cut in 4 parts
+    ("bti,oi->bto", (1, 1, 10), (4, 10), (0,), True),  # 10 inputs per 4 outputs: rows not cut
     ("bte,ve->btv", (1, 1, 6), (9, 6), (0,), True),  # head
     ("bte,ef->btf", (1, 1, 6), (6, 7), (1,), False),  # input first: the einsum at any row count
 ])
