@@ -195,13 +195,17 @@ def load_orbax(
     specs = _flatten(target)
     perms = {key: _stored_permutation(version, config, key, len(spec.shape)) for key, spec in specs.items()}
     stored = {key: spec if perms[key] is None else _as_stored(spec, perms[key]) for key, spec in specs.items()}
+
+    def ours(key: TreePath, leaf: jax.Array) -> jax.Array:
+        return leaf if perms[key] is None else _turn(leaf, perms[key], specs[key].sharding)
+
     with ocp.StandardCheckpointer() as checkpointer:
         if version == 1:
-            leaves = _restore_tree(checkpointer, path / PARAMS_DIR, target, list(stored.values()))
-        else:
-            leaves = [_restore_piece(checkpointer, path / PARAMS_DIR, key, spec) for key, spec in stored.items()]
-    leaves = [leaf if perms[key] is None else _turn(leaf, perms[key], specs[key].sharding)
-              for key, leaf in zip(specs, leaves)]
+            restored = _restore_tree(checkpointer, path / PARAMS_DIR, target, list(stored.values()))
+            leaves = [ours(key, leaf) for key, leaf in zip(specs, restored)]
+        else:  # each leaf turned as soon as it is restored, so at most one is held twice
+            leaves = [ours(key, _restore_piece(checkpointer, path / PARAMS_DIR, key, spec))
+                      for key, spec in stored.items()]
     return config, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
 
 
