@@ -192,24 +192,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{_card()}, {args.model} {args.dtype}, {count} matrices a chain, best copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s", flush=True)
     rows_out = []
+
+    def record(name, shape, rows, weights, form, seconds, itemsize):
+        nbytes = count * shape[0] * shape[1] * itemsize
+        rows_out.append({"matrix": name, "shape": list(shape), "rows": rows, "weights": weights, "form": form,
+                         "us_per_matrix": seconds / count * 1e6, "weight_GBps": nbytes / seconds / 1e9,
+                         "ratio_to_copy": nbytes / seconds / bandwidth})
+        print(json.dumps(rows_out[-1]), flush=True)
+
     for name in args.matrices.split(","):
         shape, in_dim = shapes(c)[name]
         for rows in map(int, args.rows.split(",")):
             for weights in args.weights.split(","):
                 for form in args.forms.split(","):
                     seconds = time_chain(form, shape, in_dim, weights, dtype, rows, count, args.repeats)
-                    nbytes = count * shape[0] * shape[1] * (1 if weights == "int8" else dtype.itemsize)
-                    rows_out.append({"matrix": name, "shape": list(shape), "rows": rows, "weights": weights,
-                                     "form": form, "us_per_matrix": seconds / count * 1e6,
-                                     "weight_GBps": nbytes / seconds / 1e9, "ratio_to_copy": nbytes / seconds / bandwidth})
-                    print(json.dumps(rows_out[-1]), flush=True)
+                    record(name, shape, rows, weights, form, seconds, 1 if weights == "int8" else dtype.itemsize)
             seconds = None if args.no_torch else torch_seconds(shape, in_dim, count, rows, args.repeats)
             if seconds is not None:
-                nbytes = count * shape[0] * shape[1] * 2
-                rows_out.append({"matrix": name, "shape": list(shape), "rows": rows, "weights": "float16",
-                                 "form": "torch.matmul", "us_per_matrix": seconds / count * 1e6,
-                                 "weight_GBps": nbytes / seconds / 1e9, "ratio_to_copy": nbytes / seconds / bandwidth})
-                print(json.dumps(rows_out[-1]), flush=True)
+                record(name, shape, rows, "float16", "torch.matmul", seconds, 2)
     if args.json:
         append_record(args.json, "python benchmarks/matvec_micro.py " + " ".join(argv or sys.argv[1:]), _card(),
                       rows_out, copy_bandwidth_GBps=bandwidth / 1e9)
