@@ -3,10 +3,10 @@
     python benchmarks/matvec_micro.py [--model 2.6B] [--rows 1,8] [--weights float,int8]
         [--forms einsum,reduce,reduce16,packed] [--matrices qkv,output,up,down,head] [--no-torch] [--json PATH]
 
-For each matrix of a block, stored as the model stores it (query/key/value
-joined [3 * embed, embed], the attention output [embed, embed] and the
-head [vocab, embed] output first, FFN up [embed, ffn] and down [ffn, embed]
-input first), the preset's layers' worth of distinct matrices (more bytes
+For each matrix of a block, stored output first as the model stores it
+(query/key/value joined [3 * embed, embed], the attention output [embed,
+embed], FFN up [ffn, embed], down [embed, ffn], the head [vocab, embed]),
+the preset's layers' worth of distinct matrices (more bytes
 than the L2 cache holds) are multiplied by a `rows`-row input in a chain
 (each output cut or tiled to the next input; nothing else between the
 products), 16 chains in a fori_loop. Forms:
@@ -55,7 +55,7 @@ STEPS = 16
 def shapes(c: PanguConfig) -> dict[str, tuple[tuple[int, int], int]]:
     """matrix -> (stored shape, which dim is the input)."""
     e, f = c.hidden_size, c.ffn_size
-    return {"qkv": ((3 * e, e), 1), "output": ((e, e), 1), "up": ((e, f), 0), "down": ((f, e), 0),
+    return {"qkv": ((3 * e, e), 1), "output": ((e, e), 1), "up": ((f, e), 1), "down": ((e, f), 1),
             "head": ((c.vocab_size, e), 1)}
 
 

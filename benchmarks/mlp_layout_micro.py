@@ -1,4 +1,4 @@
-"""Which FFN weight layout decodes faster: stored [in, out] (the library today) or [out, in]?
+"""Which FFN weight layout decodes faster as an einsum: stored [in, out] (the library until format 4) or [out, in]?
 
     python benchmarks/mlp_layout_micro.py [--model 2.6B] [--batches 1,32] [--profile] [--json PATH]
 

@@ -14,15 +14,13 @@ Parameters are a plain nested dict:
 and each block holds ln1 and ln2 ({scale, bias}); attention with
 {query,key,value}_kernel [heads, head_dim, embed], {query,key,value}_bias
 [heads, head_dim], output_kernel [embed, heads, head_dim], output_bias
-[embed]; mlp with up_kernel [embed, mlp], up_bias [mlp], down_kernel
-[mlp, embed], down_bias [embed]. The attention matrices are stored output
-first ([out, in], as MindSpore stores them): at batch 1 XLA turns these
-small matmuls into reductions, which then run along contiguous rows; stored
-[in, out], XLA transposed them (and kept the copies, 1.2 GB for 2.6B) or
-reduced down the columns (measured on an H100: 3.5 -> 2.9 ms/token for
-2.6B). With int8 weights (`pangu_jax.quantize`) every matrix is stored
-output first, the FFN's too (up_kernel [mlp, embed], down_kernel [embed,
-mlp]), for the same reason: see `INT8_REDUCTION_ROWS`.
+[embed]; mlp with up_kernel [mlp, embed], up_bias [mlp], down_kernel
+[embed, mlp], down_bias [embed]. Every matrix is stored output first ([out,
+in]; MindSpore stores the attention's so, the FFN's input first): decoding
+one sequence reads each matrix along its rows (`REDUCTION_ROWS`). Stored
+[in, out], XLA transposed the attention matrices (and kept the copies, 1.2
+GB for 2.6B) or reduced down the columns (measured on an H100: 3.5 -> 2.9
+ms/token for 2.6B).
 
 Stacked blocks run under `nn.scan`, so compile time does not grow with
 depth; that is the layout of training and of every checkpoint store. For
@@ -80,32 +78,33 @@ def _matrix(module: nn.Module, name: str, shape, axes: tuple[str, ...], channels
     return _param(module, name, init or nn.initializers.normal(0.02), shape, c.jnp_param_dtype, axes), None
 
 
-# An int8 product with at most this many input rows (decoding one sequence)
-# runs as `_reduction_dot`: XLA computes the einsum of a converted int8
-# matrix as a gemm that streams the int8 bytes at a third to a half of the
-# copy bandwidth, and the reduction reads them faster, but only along
-# contiguous rows, which is why int8 matrices are all stored output first.
-# H200, 13B, one row (`benchmarks/matvec_micro.py`): query/key/value 29 us
-# as a row reduction against 41 us as the einsum; FFN down stored input
-# first 62 us reduced down the columns against 51 us. Decoding 13B int8:
-# 7.5 -> 4.9 ms/token. From two rows on, each row would read the matrix again.
-# On a CPU XLA's einsum is the faster by far (350M query/key/value: 0.6
-# against 41 ms), so there the reduction is not used.
-INT8_REDUCTION_ROWS = 1
+# A product with at most this many input rows (decoding one sequence) and a
+# matrix stored output first runs as `_reduction_dot`, float32 products
+# summed along the matrix's rows, on a GPU: XLA computes the einsum of a
+# converted int8 matrix as a gemm that streams the int8 bytes at a third to a
+# half of the copy bandwidth, and picks slower kernels than the reduction for
+# most float matrices too. H200, 13B int8, one row
+# (`benchmarks/matvec_micro.py`): query/key/value 29 us as a row reduction
+# against 41 us as the einsum; decoding 7.5 -> 4.9 ms/token. In float, with
+# the FFN also stored output first: 13B float16 7.15-7.19 -> 6.62-6.63
+# ms/token, 2.6B bfloat16 2.09 -> 1.96-1.98. From two rows on, each row would
+# read the matrix again. On a CPU XLA's einsum is the faster by far (350M query/key/value:
+# 0.6 against 41 ms), so there the reduction is not used.
+REDUCTION_ROWS = 1
 
 
-def _int8_reduction_rows() -> int:
-    return INT8_REDUCTION_ROWS if jax.default_backend() == "gpu" else 0
+def _reduction_rows() -> int:
+    return REDUCTION_ROWS if jax.default_backend() == "gpu" else 0
 
 
 def _dot(config: PanguConfig, equation: str, x: jax.Array, matrix: Matrix, **kwargs) -> jax.Array:
     """einsum in the compute dtype; an int8 matrix's scale multiplies the output's trailing channel dims."""
     values, scale = matrix
     kept, contracted, w_kept, w_dims = _split_equation(equation)
-    output_first = w_dims == w_kept + contracted
-    if scale is not None and output_first and math.prod(x.shape[:len(kept)]) <= _int8_reduction_rows():
+    if w_dims == w_kept + contracted and math.prod(x.shape[:len(kept)]) <= _reduction_rows():
         y = _reduction_dot(x.astype(config.jnp_dtype), values, len(kept), len(w_kept))
-        return (y * scale).astype(kwargs.get("preferred_element_type", config.jnp_dtype))
+        y = y if scale is None else y * scale
+        return y.astype(kwargs.get("preferred_element_type", config.jnp_dtype))
     y = jnp.einsum(equation, x.astype(config.jnp_dtype), values.astype(config.jnp_dtype),
                    precision=_matmul_precision(config), **kwargs)
     return y if scale is None else (y * scale).astype(y.dtype)
@@ -300,28 +299,16 @@ class Mlp(nn.Module):
 
     config: PanguConfig
 
-    def _kernel(self, name: str, inputs: tuple[int, str], outputs: tuple[int, str]) -> tuple[Matrix, str]:
-        """The matrix `name` and the einsum of x [batch, length, in] with it.
-
-        Float matrices are stored input first, as MindSpore stores them; int8
-        ones output first (`INT8_REDUCTION_ROWS`).
-        """
-        (n_in, axis_in), (n_out, axis_out) = inputs, outputs
-        if self.config.weights == "int8":
-            return _matrix(self, name, (n_out, n_in), (axis_out, axis_in), (0,)), "bti,oi->bto"
-        return _matrix(self, name, (n_in, n_out), (axis_in, axis_out), (1,)), "bti,io->bto"
-
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        embed, mlp = (c.hidden_size, "embed"), (c.ffn_size, "mlp")
-        up_k, up_equation = self._kernel("up_kernel", embed, mlp)
+        up_k = _matrix(self, "up_kernel", (c.ffn_size, c.hidden_size), ("mlp", "embed"), (0,))
         up_b = _param(self, "up_bias", nn.initializers.zeros, (c.ffn_size,), c.jnp_param_dtype, ("mlp",))
-        down_k, down_equation = self._kernel("down_kernel", mlp, embed)
+        down_k = _matrix(self, "down_kernel", (c.hidden_size, c.ffn_size), ("embed", "mlp"), (0,))
         down_b = _param(self, "down_bias", nn.initializers.zeros, (c.hidden_size,), c.jnp_param_dtype, ("embed",))
-        h = _dot(c, up_equation, x, up_k).astype(jnp.float32) + up_b.astype(jnp.float32)
+        h = _dot(c, "bti,oi->bto", x, up_k).astype(jnp.float32) + up_b.astype(jnp.float32)
         h = jax.nn.gelu(h, approximate=c.activation == "gelu_tanh").astype(c.jnp_dtype)
-        return _dot(c, down_equation, h, down_k, preferred_element_type=jnp.float32) + down_b.astype(jnp.float32)
+        return _dot(c, "bti,oi->bto", h, down_k, preferred_element_type=jnp.float32) + down_b.astype(jnp.float32)
 
 
 class Block(nn.Module):

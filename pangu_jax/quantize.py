@@ -4,9 +4,7 @@ Each output channel c of a matrix W gets scale[c] = max |W[..., c]| / 127 and
 values round(W / scale) in [-127, 127]; the model multiplies its matmul
 outputs by the scale, which is exact for a per-output-channel scale. Biases,
 position embeddings and LayerNorm stay as they are. A channel of zeros gets
-scale 1. The FFN matrices, stored input first in float, come out output
-first ([mlp, embed] up, [embed, mlp] down): decoding reads int8 matrices
-faster along their rows (`model.INT8_REDUCTION_ROWS`).
+scale 1.
 """
 
 from __future__ import annotations
@@ -20,57 +18,51 @@ import numpy as np
 from .config import PanguConfig
 from .model import Params, is_unstacked
 
-# Each quantized matrix -> the dims of its output channels (in the per-layer
-# float shape) and whether its int8 values are turned output first.
-BLOCK_MATRICES: dict[tuple[str, str], tuple[tuple[int, ...], bool]] = {
-    ("attention", "query_kernel"): ((0, 1), False),
-    ("attention", "key_kernel"): ((0, 1), False),
-    ("attention", "value_kernel"): ((0, 1), False),
-    ("attention", "output_kernel"): ((0,), False),
-    ("mlp", "up_kernel"): ((1,), True),
-    ("mlp", "down_kernel"): ((1,), True),
+# Each quantized matrix -> the dims of its output channels (in the per-layer shape).
+BLOCK_MATRICES: dict[tuple[str, str], tuple[int, ...]] = {
+    ("attention", "query_kernel"): (0, 1),
+    ("attention", "key_kernel"): (0, 1),
+    ("attention", "value_kernel"): (0, 1),
+    ("attention", "output_kernel"): (0,),
+    ("mlp", "up_kernel"): (0,),
+    ("mlp", "down_kernel"): (0,),
 }
 
 
-def _quantize(xp, w, channels: tuple[int, ...], turn: bool = False):
+def _quantize(xp, w, channels: tuple[int, ...]):
     w32 = xp.asarray(w, xp.float32)
     reduce = tuple(d for d in range(w32.ndim) if d not in channels)
     peak = xp.max(xp.abs(w32), axis=reduce, keepdims=True)
     scale = xp.where(peak > 0, peak / 127.0, 1.0).astype(xp.float32)
     values = xp.clip(xp.round(w32 / scale), -127, 127).astype(xp.int8)
-    if turn:
-        values = xp.swapaxes(values, -1, -2)
-        values = np.ascontiguousarray(values) if xp is np else values
     return values, xp.squeeze(scale, axis=reduce)
 
 
-_quantize_on_device = jax.jit(functools.partial(_quantize, jnp), static_argnums=(1, 2))
+_quantize_on_device = jax.jit(functools.partial(_quantize, jnp), static_argnums=1)
 
 
-def quantize_matrix(w, channels: tuple[int, ...], *, stacked: bool = False, turn: bool = False):
+def quantize_matrix(w, channels: tuple[int, ...], *, stacked: bool = False):
     """(int8 values, float32 scale over the output `channels`) of one matrix.
 
-    `stacked`: dim 0 counts layers (its channels then start at 1). `turn`:
-    the values come out with their last two dims swapped (a matrix stored
-    [in, out] comes out [out, in]). A numpy array is quantized on the host,
-    a stacked one a layer at a time so the float32 working copy stays one
-    layer big; a device array under jit.
+    `stacked`: dim 0 counts layers (its channels then start at 1). A numpy
+    array is quantized on the host, a stacked one a layer at a time so the
+    float32 working copy stays one layer big; a device array under jit.
     """
     layer_dims = (0,) if stacked else ()
     if not isinstance(w, np.ndarray):
-        return _quantize_on_device(w, layer_dims + channels, turn)
+        return _quantize_on_device(w, layer_dims + channels)
     if not stacked:
-        return _quantize(np, w, channels, turn)
-    layers = [_quantize(np, layer, tuple(d - 1 for d in channels), turn) for layer in w]
+        return _quantize(np, w, channels)
+    layers = [_quantize(np, layer, tuple(d - 1 for d in channels)) for layer in w]
     return np.stack([v for v, _ in layers]), np.stack([s for _, s in layers])
 
 
 def _quantize_block(block: dict, stacked: bool) -> dict:
     block = {group: dict(leaves) for group, leaves in block.items()}
-    for (group, name), (channels, turn) in BLOCK_MATRICES.items():
+    for (group, name), channels in BLOCK_MATRICES.items():
         shifted = tuple(d + stacked for d in channels)
         block[group][name], block[group][f"{name}_scale"] = quantize_matrix(
-            block[group][name], shifted, stacked=stacked, turn=turn)
+            block[group][name], shifted, stacked=stacked)
     return block
 
 

@@ -27,7 +27,7 @@ def test_big_presets_have_the_right_shapes_without_allocating(name):
     assert sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)) == config.num_params()
     h, n, d = config.hidden_size, config.num_heads, config.head_dim
     assert shapes["blocks"]["attention"]["query_kernel"].shape == (config.num_layers - 1, n, d, h)
-    assert shapes["top_query_layer"]["mlp"]["up_kernel"].shape == (h, 4 * h)
+    assert shapes["top_query_layer"]["mlp"]["up_kernel"].shape == (4 * h, h)
     assert shapes["word_embedding"].shape == (40000, h)
 
 

@@ -250,7 +250,7 @@ def test_npy_refuses_bfloat16_and_leaves_nothing(tmp_path):
 def test_orbax_store_records_config_and_tokenizer(tmp_path, sequences):
     convert(FP32, tmp_path / "store", progress=False)
     marker = json.loads((tmp_path / "store" / "pangu_jax.json").read_text())
-    assert marker["format_version"] == 3
+    assert marker["format_version"] == 4
     assert marker["tokenizer"] == {"vocab_sha256": "18857e86783e50cfcaa0bc3c043fb4e9b5f240b885d2870ea593ee69b44f7a3a",
                                    "eod_id": 8, "eot_id": 9, "pad_id": 6}
     assert max_logit_error(tmp_path / "store", sequences) < 1e-4
@@ -267,8 +267,8 @@ def test_orbax_store_refuses_other_versions_and_unknown_mesh_axes(tmp_path):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     with pytest.raises(ValueError, match=r"rules name mesh axes \['tensor'\], but the mesh has \['data'\]"):
         load_orbax(tmp_path / "store", mesh=mesh)
-    (tmp_path / "store" / "pangu_jax.json").write_text(json.dumps({"format_version": 4}))
-    with pytest.raises(CheckpointFormatError, match="format_version 4; this version reads 1, 2 and 3"):
+    (tmp_path / "store" / "pangu_jax.json").write_text(json.dumps({"format_version": 5}))
+    with pytest.raises(CheckpointFormatError, match="format_version 5; this version reads 1, 2, 3 and 4"):
         load_checkpoint(tmp_path / "store")
 
 
@@ -328,7 +328,7 @@ def test_orbax_store_names_a_missing_or_corrupt_piece(tmp_path):
         load_checkpoint(tmp_path / "store")
     shutil.rmtree(params / "blocks.mlp.up_kernel")
     with pytest.raises(CheckpointFormatError, match=r"params/blocks\.mlp\.up_kernel: cannot restore tensor "
-                                                    r"blocks\.mlp\.up_kernel as float16\[2, 64, 256\] \(.*not found"):
+                                                    r"blocks\.mlp\.up_kernel as float16\[2, 256, 64\] \(.*not found"):
         load_orbax(tmp_path / "store", dtype="float16")
 
 
@@ -336,15 +336,17 @@ def test_orbax_still_reads_version_1_stores(tmp_path):
     """Version 1 kept the whole tree in one orbax checkpoint under params/; one is written here as it was then."""
     import orbax.checkpoint as ocp
 
-    from pangu_jax.checkpoints.orbax_store import V1_ATTENTION
+    from pangu_jax.checkpoints.orbax_store import INPUT_FIRST_MLP, V1_ATTENTION
 
     convert(FP32, tmp_path / "v2", progress=False)
     config, params = load_orbax(tmp_path / "v2")
     old = tmp_path / "v1"
     old.mkdir()
 
-    def as_v1(path, leaf):  # the attention matrices input first, as version 1 held them
+    def as_v1(path, leaf):  # the attention and FFN matrices input first, as version 1 held them
         name = path[-1].key
+        if name in INPUT_FIRST_MLP:
+            return jnp.swapaxes(leaf, -1, -2)
         if name not in V1_ATTENTION:
             return leaf
         lead = leaf.ndim - 3
@@ -353,12 +355,13 @@ def test_orbax_still_reads_version_1_stores(tmp_path):
     v1 = jax.tree_util.tree_map_with_path(as_v1, params)
     assert v1["blocks"]["attention"]["query_kernel"].shape == (2, 64, 4, 16)
     assert v1["top_query_layer"]["attention"]["output_kernel"].shape == (4, 16, 64)
+    assert v1["blocks"]["mlp"]["up_kernel"].shape == (2, 64, 256)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(old / "params", v1)
         checkpointer.wait_until_finished()
     shutil.copy(tmp_path / "v2" / "config.json", old / "config.json")
-    marker = json.loads((tmp_path / "v2" / "pangu_jax.json").read_text())
-    (old / "pangu_jax.json").write_text(json.dumps({**marker, "format_version": 1}))
+    shutil.copy(tmp_path / "v2" / "pangu_jax.json", old / "pangu_jax.json")
+    _with_marked_version(old, 1)
     assert detect_format(old) == "orbax"
     old_config, restored = load_checkpoint(old)
     assert old_config == config
@@ -376,32 +379,45 @@ def test_orbax_still_reads_version_1_stores(tmp_path):
         load_orbax(old)
 
 
-def test_orbax_int8_stores_round_trip_and_version_2_ones_are_turned(tmp_path):
-    """Version 2 held an int8 model's FFN matrices input first; one is written here as it was then."""
-    config8, params8 = load_checkpoint(FP32, int8=True)
-    assert params8["blocks"]["mlp"]["up_kernel"].shape == (2, 256, 64)  # [layers, mlp, embed]: output first
-    save_orbax(tmp_path / "v3", config8, params8)
-    config, restored = load_orbax(tmp_path / "v3")
-    assert config == config8
-    for a, b in zip(_leaves(params8), _leaves(restored)):
-        np.testing.assert_array_equal(a, b)
+def _with_marked_version(store: Path, version: int) -> None:
+    marker = json.loads((store / "pangu_jax.json").read_text())
+    (store / "pangu_jax.json").write_text(json.dumps({**marker, "format_version": version}))
+
+
+@pytest.mark.parametrize("int8, version", [(False, 3), (False, 2), (True, 2)])
+def test_orbax_stores_holding_the_ffn_input_first_are_turned(tmp_path, int8, version):
+    """Stores before version 4 held the FFN matrices input first (but an int8 model's version 3); one is written
+    here as it was then."""
     import orbax.checkpoint as ocp
 
-    old = tmp_path / "v2"
-    shutil.copytree(tmp_path / "v3", old)
+    config, params = load_checkpoint(FP32, int8=int8)
+    assert params["blocks"]["mlp"]["up_kernel"].shape == (2, 256, 64)  # [layers, mlp, embed]: output first
+    save_orbax(tmp_path / "new", config, params)
+    assert load_orbax(tmp_path / "new")[0] == config
+    for a, b in zip(_leaves(params), _leaves(load_orbax(tmp_path / "new")[1])):
+        np.testing.assert_array_equal(a, b)
+    old = tmp_path / f"v{version}"
+    shutil.copytree(tmp_path / "new", old)
     with ocp.StandardCheckpointer() as checkpointer:
         for group in ("blocks", "top_query_layer"):
             for name in ("up_kernel", "down_kernel"):
                 piece = f"{group}.mlp.{name}"
                 shutil.rmtree(old / "params" / piece)
-                checkpointer.save(old / "params" / piece, {piece: jnp.swapaxes(params8[group]["mlp"][name], -1, -2)})
+                checkpointer.save(old / "params" / piece, {piece: jnp.swapaxes(params[group]["mlp"][name], -1, -2)})
         checkpointer.wait_until_finished()
-    marker = json.loads((old / "pangu_jax.json").read_text())
-    (old / "pangu_jax.json").write_text(json.dumps({**marker, "format_version": 2}))
+    _with_marked_version(old, version)
     for mesh in (None, make_mesh("tensor=1")):
         _, turned = load_orbax(old, mesh=mesh)
-        for a, b in zip(_leaves(params8), _leaves(turned)):
+        for a, b in zip(_leaves(params), _leaves(turned)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_orbax_int8_version_3_stores_are_read_as_they_are_and_never_converted(tmp_path):
+    config8, params8 = load_checkpoint(FP32, int8=True)
+    save_orbax(tmp_path / "v3", config8, params8)
+    _with_marked_version(tmp_path / "v3", 3)
+    for a, b in zip(_leaves(params8), _leaves(load_orbax(tmp_path / "v3")[1])):
+        np.testing.assert_array_equal(a, b)
     with pytest.raises(CheckpointFormatError, match=r"v3: an int8 store cannot be converted"):
         convert(tmp_path / "v3", tmp_path / "out", to="mindspore", progress=False)
     assert not (tmp_path / "out").exists()
@@ -419,7 +435,7 @@ _, plain = load_orbax(sys.argv[1])
 query = sharded["blocks"]["attention"]["query_kernel"]
 assert query.sharding.spec == P(None, "tensor", None, None), query.sharding.spec
 assert {s.data.shape for s in query.addressable_shards} == {(2, 1, 16, 64)}
-assert sharded["top_query_layer"]["mlp"]["up_kernel"].sharding.spec == P(None, "tensor")
+assert sharded["top_query_layer"]["mlp"]["up_kernel"].sharding.spec == P("tensor", None)
 assert sharded["word_embedding"].sharding.spec == P(None, None)  # replicated by default
 for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

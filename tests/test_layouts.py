@@ -9,7 +9,7 @@ import pytest
 
 from pangu_jax import PanguConfig, forward, generate, init_cache, load_checkpoint
 from pangu_jax.model import (
-    INT8_REDUCTION_ROWS, _dot, abstract_params, hidden_states, init_params, is_unstacked, param_logical_axes,
+    REDUCTION_ROWS, _dot, abstract_params, hidden_states, init_params, is_unstacked, param_logical_axes,
     prefill, stack_layers, unstack_layers,
 )
 from pangu_jax.quantize import quantize_matrix, quantize_params
@@ -173,8 +173,8 @@ def test_init_params_draws_either_layout():
 
 
 @pytest.fixture
-def gpu_int8_products(monkeypatch):
-    """The int8 products as a GPU computes them (one row: `_reduction_dot`), on any backend; the calls it made.
+def gpu_products(monkeypatch):
+    """The products as a GPU computes them (one row: `_reduction_dot`), on any backend; the calls it made.
 
     Compiled programs are dropped before and after, so none traced otherwise is reused, or left behind.
     """
@@ -187,51 +187,54 @@ def gpu_int8_products(monkeypatch):
         calls.append(args[1].shape)
         return reduction_dot(*args)
 
-    monkeypatch.setattr(model, "_int8_reduction_rows", lambda: INT8_REDUCTION_ROWS)
+    monkeypatch.setattr(model, "_reduction_rows", lambda: REDUCTION_ROWS)
     monkeypatch.setattr(model, "_reduction_dot", spy)
     jax.clear_caches()
     yield calls
     jax.clear_caches()
 
 
-def test_int8_products_reduce_on_a_gpu_only():
+def test_one_row_products_reduce_on_a_gpu_only():
     from pangu_jax import model
 
-    assert model._int8_reduction_rows() == (INT8_REDUCTION_ROWS if jax.default_backend() == "gpu" else 0)
+    assert model._reduction_rows() == (REDUCTION_ROWS if jax.default_backend() == "gpu" else 0)
 
 
+@pytest.mark.parametrize("weights", ["float", "int8"])
 @pytest.mark.parametrize("equation, x_shape, w_shape, channels, reduced", [
     ("bte,nke->btnk", (1, 1, 8), (3, 4, 8), (0, 1), True),  # query/key/value: output first
     ("bti,ei->bte", (1, 1, 6), (5, 6), (0,), True),  # attention output
-    ("bti,oi->bto", (1, 1, 6), (7, 6), (0,), True),  # int8 FFN up: output first
-    ("bti,oi->bto", (1, 1, 12), (3, 12), (0,), True),  # int8 FFN down: rows cut in 4 parts
+    ("bti,oi->bto", (1, 1, 6), (7, 6), (0,), True),  # FFN up
+    ("bti,oi->bto", (1, 1, 12), (3, 12), (0,), True),  # FFN down: rows cut in 4 parts
     ("bti,oi->bto", (1, 1, 10), (4, 10), (0,), True),  # 10 inputs per 4 outputs: rows not cut
     ("bte,ve->btv", (1, 1, 6), (9, 6), (0,), True),  # head
     ("bte,ef->btf", (1, 1, 6), (6, 7), (1,), False),  # input first: the einsum at any row count
 ])
-def test_an_int8_product_of_one_row_as_a_reduction_equals_the_einsum(gpu_int8_products, equation, x_shape, w_shape,
-                                                                     channels, reduced):
-    config = PanguConfig.preset("tiny", weights="int8", dtype="float32")
+def test_a_product_of_one_row_as_a_reduction_equals_the_einsum(gpu_products, weights, equation, x_shape, w_shape,
+                                                               channels, reduced):
+    config = PanguConfig.preset("tiny", weights=weights, dtype="float32")
     keys = jax.random.split(jax.random.key(0), 2)
-    matrix = quantize_matrix(jax.random.normal(keys[1], w_shape), channels)
+    w = jax.random.normal(keys[1], w_shape)
+    matrix = quantize_matrix(w, channels) if weights == "int8" else (w, None)
     x = jax.random.normal(keys[0], x_shape)
     one_row = _dot(config, equation, x, matrix)
-    assert one_row.shape[:2] == (1, 1) and INT8_REDUCTION_ROWS == 1
-    assert gpu_int8_products == ([w_shape] if reduced else [])
+    assert one_row.shape[:2] == (1, 1) and REDUCTION_ROWS == 1
+    assert gpu_products == ([w_shape] if reduced else [])
     # Two rows go through the einsum; each equals the reduction's row.
     two_rows = _dot(config, equation, jnp.concatenate([x, 2 * x]), matrix)
-    assert len(gpu_int8_products) == reduced
+    assert len(gpu_products) == reduced
     np.testing.assert_allclose(one_row[0], two_rows[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(2 * one_row[0], two_rows[1], rtol=1e-5, atol=1e-5)
 
 
-def test_int8_cached_generation_equals_teacher_forced_argmax(gpu_int8_products, tiny_fp32):
-    config8, params8 = quantize_params(*tiny_fp32)
+@pytest.mark.parametrize("weights", ["float", "int8"])
+def test_cached_generation_with_reductions_equals_teacher_forced_argmax(gpu_products, tiny_fp32, weights):
+    config, params = quantize_params(*tiny_fp32) if weights == "int8" else tiny_fp32
     prompt = [47, 320, 155]
-    new = generate(config8, params8, [prompt], 15, temperature=0, stop_ids=())[0]  # decode: one row a product
-    e, f, n, k = config8.hidden_size, config8.ffn_size, config8.num_heads, config8.head_dim
-    assert set(gpu_int8_products) == {(n, k, e), (e, e), (f, e), (e, f), (config8.vocab_size, e)}  # all, head too
-    logits, _ = forward(config8, params8, jnp.asarray([prompt + new]))  # 18 rows: the einsum
+    new = generate(config, params, [prompt], 15, temperature=0, stop_ids=())[0]  # decode: one row a product
+    e, f, n, k = config.hidden_size, config.ffn_size, config.num_heads, config.head_dim
+    assert set(gpu_products) == {(n, k, e), (e, e), (f, e), (e, f), (config.vocab_size, e)}  # all, head too
+    logits, _ = forward(config, params, jnp.asarray([prompt + new]))  # 18 rows: the einsum
     assert np.argmax(np.asarray(logits[0, len(prompt) - 1 : -1]), axis=-1).tolist() == new
 
 

@@ -136,3 +136,15 @@ def test_slot_order_is_mindspores_and_the_synthetic_recipe_is_the_fixtures():
     drawn = random_mindspore_tensors(PanguConfig.preset("tiny"), seed=20210426, dtype="float32")
     for name, value in drawn:
         np.testing.assert_array_equal(value, stored[name].data, err_msg=name)
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (256, 512), (1, 3)])
+def test_ffn_matrices_turn_output_first_in_tiles_and_back(shape):
+    from pangu_jax.checkpoints.layout import mindspore_slots
+
+    slot = mindspore_slots(PanguConfig.preset("tiny"))["backbone.blocks.0.output.mapping.weight"]
+    stored = np.arange(np.prod(shape), dtype=np.float32).reshape(shape).astype(jnp.bfloat16)
+    ours = slot.to_ours(stored, None)
+    assert ours.flags.c_contiguous and ours.dtype == stored.dtype
+    np.testing.assert_array_equal(ours, stored.T)
+    np.testing.assert_array_equal(slot.from_ours(ours, None), stored)

@@ -44,7 +44,7 @@ mesh = make_mesh("data=2,tensor=4")
 _, loaded = load_checkpoint(sys.argv[1], mesh=mesh, unstacked=True)
 query = loaded["blocks"]["0"]["attention"]["query_kernel"]
 assert query.sharding.spec == P("tensor", None, None), query.sharding.spec
-assert loaded["blocks"]["0"]["mlp"]["down_kernel"].sharding.spec == P("tensor", None)
+assert loaded["blocks"]["0"]["mlp"]["down_kernel"].sharding.spec == P(None, "tensor")
 assert loaded["word_embedding"].sharding.is_fully_replicated
 assert generate(config, loaded, prompts, 8, **sampled) == want_sampled
 print("sampled equal on data=2,tensor=4")
@@ -59,19 +59,25 @@ assert generate(config8, shard_params(config8, int8, make_mesh("data=2,tensor=4"
                 temperature=0, stop_ids=()) == want8
 print("int8 equal on data=2,tensor=4")
 
-# The decode-attention kernel (as on a GPU; here interpreted) keeps its split
-# rows and heads on the mesh, and decodes what the explicit path does.
+# The GPU's decode paths (the attention kernel, here interpreted, and one-row
+# products as reductions) keep their split rows, heads and matrices on the
+# mesh, and decode what the explicit path and the einsum do.
 from pangu_jax import model
 from tests.conftest import interpreted_kernels
 for name, value in interpreted_kernels().items():
     setattr(model, name, value)
+model._reduction_rows = lambda: model.REDUCTION_ROWS
 jax.clear_caches()
 placed = shard_params(config, layers, make_mesh("data=2,tensor=4"))
 assert generate(config, placed, prompts, 8, temperature=0, stop_ids=()) == want
-# One row: the kernel takes q, k and v as three arrays (see model.Attention).
-assert generate(config, shard_params(config, layers, make_mesh("tensor=4")), prompts[:1], 8, temperature=0,
-                stop_ids=()) == want[:1]
-print("decode kernel equal on data=2,tensor=4")
+# One row: the kernel takes q, k and v as three arrays (see model.Attention),
+# and every product is a reduction, FFN down's summed over the mesh.
+for shape in ("tensor=4", "data=2,tensor=4"):
+    assert generate(config, shard_params(config, layers, make_mesh(shape)), prompts[:1], 8, temperature=0,
+                    stop_ids=()) == want[:1]
+    assert generate(config8, shard_params(config8, int8, make_mesh(shape)), prompts[:1], 8, temperature=0,
+                    stop_ids=()) == want8[:1]
+print("decode kernel and reductions equal on data=2,tensor=4")
 
 # A cache long enough for the kernel to split each (row, head)'s slots over
 # programs (and join them), on the mesh and off it.
@@ -107,7 +113,7 @@ def test_sharded_generation_equals_unsharded_on_8_fake_devices():
     for shape in ("tensor=4", "data=2,tensor=4", "data=2,tensor=2", "data=8"):
         assert f"greedy equal on {shape}" in result.stdout
     assert "int8 equal on data=2,tensor=4" in result.stdout
-    assert "decode kernel equal on data=2,tensor=4" in result.stdout
+    assert "decode kernel and reductions equal on data=2,tensor=4" in result.stdout
     assert "split decode kernel equal on data=2,tensor=4" in result.stdout
 
 

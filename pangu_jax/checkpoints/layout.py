@@ -62,6 +62,20 @@ def _proj_out(x, c):
     return x.reshape(c.hidden_size, c.hidden_size).T
 
 
+# numpy copies a transposed 16-bit matrix element by element at 0.3 GB/s;
+# in square tiles that stay in cache, at 0.6 GB/s (2 cores, [5120, 20480]
+# float16: 830 -> 340 ms).
+_TILE = 256
+
+
+def _transpose(x, c):  # the FFN's: stored [in, out] -> ours [out, in], and back
+    out = np.empty(x.shape[::-1], x.dtype)
+    for i in range(0, x.shape[0], _TILE):
+        for j in range(0, x.shape[1], _TILE):
+            out[j:j + _TILE, i:i + _TILE] = x[i:i + _TILE, j:j + _TILE].T
+    return out
+
+
 def _block_entries(c: PanguConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], Transform, Transform]]:
     h, f = c.hidden_size, c.ffn_size
     entries = []
@@ -77,9 +91,9 @@ def _block_entries(c: PanguConfig) -> list[tuple[str, tuple[str, ...], tuple[int
         entries += [(f"attention.{dense}.weight", ("attention", f"{role}_kernel"), (h, h), _qkv_in, _qkv_out),
                     (f"attention.{dense}.bias", ("attention", f"{role}_bias"), (h,), _heads, _merge_heads)]
     entries += [
-        ("output.mapping.weight", ("mlp", "up_kernel"), (h, f), _same, _same),
+        ("output.mapping.weight", ("mlp", "up_kernel"), (h, f), _transpose, _transpose),
         ("output.mapping.bias", ("mlp", "up_bias"), (f,), _same, _same),
-        ("output.projection.weight", ("mlp", "down_kernel"), (f, h), _same, _same),
+        ("output.projection.weight", ("mlp", "down_kernel"), (f, h), _transpose, _transpose),
         ("output.projection.bias", ("mlp", "down_bias"), (h,), _same, _same),
     ]
     return entries

@@ -1,6 +1,6 @@
 """Our native checkpoint: the parameter tree saved by orbax a leaf at a time, beside its config.
 
-A store (format version 3) is a directory::
+A store (format version 4) is a directory::
 
     params/         one orbax checkpoint per leaf of the tree, named by its path
                     ("word_embedding", "blocks.mlp.up_kernel", ...; the blocks'
@@ -13,8 +13,9 @@ it until the end; writing a leaf at a time lets a conversion build, write and
 drop each leaf in turn, so the host never holds the whole model, only its
 largest leaf (a stacked blocks matrix). Older stores are still read:
 version 1 kept params/ as one orbax checkpoint of the whole tree, with the
-attention matrices input first; versions 1 and 2 kept an int8 model's FFN
-matrices input first (version 3: output first, as `quantize` makes them).
+attention matrices input first; the FFN matrices were input first up to
+version 3, except in an int8 model's version 3 (version 4: output first in
+every model, as the model holds them).
 
 A store is restored from abstract shapes, so each array can go straight into
 its shards on a device mesh without ever being whole on one device.
@@ -45,8 +46,8 @@ from .storage import LazyTensor, atomic_directory
 __all__ = ["FORMAT_VERSION", "MARKER", "load_orbax", "mindspore_view", "read_orbax_config", "save_orbax",
            "save_orbax_stream"]
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MARKER = "pangu_jax.json"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -215,9 +216,9 @@ def load_orbax(
 # permutation of its last three dims (new = old.transpose(...)).
 V1_ATTENTION = {"query_kernel": (1, 2, 0), "key_kernel": (1, 2, 0), "value_kernel": (1, 2, 0),
                 "output_kernel": (2, 0, 1)}
-# Versions 1 and 2 stored an int8 model's FFN matrices input first, as a
-# float model's are; version 3 output first (their last two dims swapped).
-V2_INT8_MLP = ("up_kernel", "down_kernel")
+# Versions 1 to 3 stored the FFN matrices input first, but for an int8
+# model's version 3; version 4 output first (their last two dims swapped).
+INPUT_FIRST_MLP = ("up_kernel", "down_kernel")
 
 
 def _stored_permutation(version: int, config: PanguConfig, key: TreePath, ndim: int) -> tuple[int, ...] | None:
@@ -227,7 +228,8 @@ def _stored_permutation(version: int, config: PanguConfig, key: TreePath, ndim: 
     if version == 1 and key[-2] == "attention" and key[-1] in V1_ATTENTION:
         lead = ndim - 3  # the stacked blocks' layers axis
         return tuple(range(lead)) + tuple(lead + p for p in V1_ATTENTION[key[-1]])
-    if version <= 2 and config.weights == "int8" and key[-2] == "mlp" and key[-1] in V2_INT8_MLP:
+    mlp_input_first = version <= 2 or (version == 3 and config.weights != "int8")
+    if mlp_input_first and key[-2] == "mlp" and key[-1] in INPUT_FIRST_MLP:
         return tuple(range(ndim - 2)) + (ndim - 1, ndim - 2)
     return None
 
