@@ -143,7 +143,7 @@ def test_token_count_recompile_reports_one_row_per_call(tmp_path):
     from benchmarks import token_count_recompile
 
     out = tmp_path / "recompile.json"
-    token_count_recompile.main(["--model", "tiny", "--counts", "3,5", "--json", str(out)])
+    token_count_recompile.main(["--model", "tiny", "--counts", "3,20", "--repeats", "2", "--json", str(out)])
     (record,) = json.loads(out.read_text())
-    assert [(r["max_new_tokens"], r["new_tokens"]) for r in record["rows"]] == [(3, 3), (5, 5)]
-    assert all(r["seconds"] > 0 and r["decode_programs"] >= 1 for r in record["rows"])
+    assert [(r["max_new_tokens"], r["new_tokens"], r["steps"]) for r in record["rows"]] == [(3, 3, 3), (20, 20, 20)]
+    assert all(r["seconds"] > 0 and r["warm_seconds"] > 0 and r["decode_programs"] >= 1 for r in record["rows"])

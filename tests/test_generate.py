@@ -131,16 +131,30 @@ def test_each_row_samples_with_its_own_seed(tiny_fp32):
         generate(config, params, prompts, 4, seed=[1, 2])
 
 
-def test_streaming_hands_out_the_same_tokens_chunk_by_chunk(tiny_fp32):
-    from pangu_jax.generate import stream
+@pytest.mark.parametrize("count", [40, 5, 17])  # several chunks; one, longer than needed; one, just enough
+def test_streaming_hands_out_the_same_tokens_chunk_by_chunk(tiny_fp32, count):
+    from pangu_jax.generate import CHUNK, stream
 
     config, params = tiny_fp32
     prompts = [GREEDY[0]["prompt"], GREEDY[1]["prompt"][:2]]
     kwargs = dict(top_k=5, seed=[3, 4], stop_ids=(98,))
-    chunks = list(stream(config, params, prompts, 40, **kwargs))
-    assert len(chunks) > 2  # the first token, then several chunks
+    chunks = list(stream(config, params, prompts, count, **kwargs))
+    assert len(chunks) == 1 + -(-(count - 1) // CHUNK)  # the first token, then each chunk
     joined = [sum((c[row] for c in chunks), []) for row in range(2)]
-    assert joined == generate(config, params, prompts, 40, **kwargs)
+    assert joined == generate(config, params, prompts, count, **kwargs)
+
+
+@pytest.mark.parametrize("counts, steps", [((20, 50), 50), ((3, 9), 9)])
+def test_decoding_runs_no_step_past_the_rows_limits(tiny_fp32, counts, steps):
+    """Rows with limits of 20 and 50 new tokens (or 3 and 9) take 50 (9) steps, not a whole last chunk more."""
+    from pangu_jax.generate import start
+
+    config, params = tiny_fp32
+    near_end = [5] * (config.max_positions - counts[0])  # room for counts[0] new tokens only
+    run = start(config, params, [near_end, [5, 6, 7]], counts[1], temperature=0, stop_ids=())
+    run.decode(to_end=True)
+    assert int(run.state["step"]) == steps
+    assert [len(row) for row in run.tokens()] == list(counts)
 
 
 def test_streaming_dispatches_each_chunk_before_handing_out_the_last(tiny_fp32, monkeypatch):
@@ -157,15 +171,24 @@ def test_streaming_dispatches_each_chunk_before_handing_out_the_last(tiny_fp32, 
     assert events.count("decode") > 1
 
 
-def test_another_token_count_in_the_same_bucket_reuses_the_compiled_programs(tiny_fp32):
+@pytest.mark.parametrize("counts", [(20, 30), (2, 5, 9, 16)])  # room for 64 new tokens; for 32
+def test_another_token_count_in_the_same_bucket_reuses_the_compiled_programs(tiny_fp32, counts):
     gen = importlib.import_module("pangu_jax.generate")
     config, params = tiny_fp32
     prompt = [GREEDY[0]["prompt"]]
-    shorter = generate(config, params, prompt, 20, temperature=0, stop_ids=())
+    first = generate(config, params, prompt, counts[0], temperature=0, stop_ids=())
     compiled = gen._prefill._cache_size(), gen._decode._cache_size()
-    longer = generate(config, params, prompt, 30, temperature=0, stop_ids=())  # the same 64-token bucket
-    assert (gen._prefill._cache_size(), gen._decode._cache_size()) == compiled
-    assert len(shorter[0]) == 20 and longer[0][:20] == shorter[0] and len(longer[0]) == 30
+    for count in counts[1:]:
+        more = generate(config, params, prompt, count, temperature=0, stop_ids=())
+        assert (gen._prefill._cache_size(), gen._decode._cache_size()) == compiled
+        assert len(more[0]) == count and more[0][:counts[0]] == first[0]
+
+    def joined(count: int) -> list[int]:
+        return sum((chunk[0] for chunk in gen.stream(config, params, prompt, count, temperature=0, stop_ids=())), [])
+
+    assert joined(counts[0]) == first[0]
+    streaming = gen._decode._cache_size()  # and stream's chunk (if no earlier test compiled it)
+    assert joined(counts[1]) == more[0][:counts[1]] and gen._decode._cache_size() == streaming
 
 
 def test_repetition_penalty_must_be_positive():
