@@ -88,8 +88,8 @@ def _matrix(module: nn.Module, name: str, shape, axes: tuple[str, ...], channels
 # against 41 us as the einsum; decoding 7.5 -> 4.9 ms/token. In float, with
 # the FFN also stored output first: 13B float16 7.15-7.19 -> 6.62-6.63
 # ms/token, 2.6B bfloat16 2.09 -> 1.96-1.98. From two rows on, each row would
-# read the matrix again. On a CPU XLA's einsum is the faster by far (350M query/key/value:
-# 0.6 against 41 ms), so there the reduction is not used.
+# read the matrix again. On a CPU XLA's einsum is the faster by far (350M
+# query/key/value: 0.6 against 41 ms), so there the reduction is not used.
 REDUCTION_ROWS = 1
 
 
