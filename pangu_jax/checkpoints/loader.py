@@ -108,10 +108,12 @@ def _build_leaf(group: list[Slot], tensors: Mapping[str, StoredTensor], config: 
     first = group[0]
     if first.layer is None:
         return np.array(first.to_ours(np.asarray(tensors[first.name].data), config), dtype, order="C")
-    shape = first.to_ours(np.empty(first.stored_shape, np.uint8), config).shape
-    leaf = np.empty((len(group), *shape), dtype)
+    leaf = None
     for slot in group:
-        leaf[slot.layer] = slot.to_ours(np.asarray(tensors[slot.name].data), config)
+        layer = slot.to_ours(np.asarray(tensors[slot.name].data), config)
+        if leaf is None:
+            leaf = np.empty((len(group), *layer.shape), dtype)
+        leaf[slot.layer] = layer
     return leaf
 
 
