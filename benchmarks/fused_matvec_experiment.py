@@ -1,41 +1,45 @@
-"""Experiment (kept for the record, lost to XLA): a decode step's matmuls with their small neighbours fused in.
+"""Experiment (kept for the record, lost to XLA): a decode step's products with their small neighbours fused in.
 
-    python benchmarks/fused_matvec_experiment.py [--model 2.6B] [--rows 1,32] [--ops ...] [--sweep] [--json PATH]
+    python benchmarks/fused_matvec_experiment.py [--model 2.6B] [--dtype bfloat16] [--weights float|int8]
+        [--ops ...] [--tiles 8x512w4s1u1,...] [--sweep] [--layer] [--json PATH]
 
-The idea: at batch 1, XLA runs six small kernels a layer besides the
-matmuls (LayerNorm moments and apply twice, the gelu after FFN up, the add
-of FFN down's split-K partial sums; 1.4-2.4 us each on an H100, about a
-tenth of a 2.6B step). `fused_matmul` below folds them into one Pallas
-(Triton) kernel per matmul: an optional LayerNorm of the input rows (each
-program recomputes the moments), one to three weights of one shape against
-the same input (query, key and value together), then bias, gelu (tanh
-form) and residual add. Each program owns `block_n` output columns and
-walks the whole contraction in `block_k` steps with `tl.dot` (rows padded
-to 16), reading the weights in their stored layout.
+At batch 1 each of a block's four products is a matrix-vector product that
+XLA runs as a row reduction at 0.8-0.9 of the copy bandwidth, but the
+LayerNorms' moments and normalisations, the gelu and the residual adds
+around them cost six more small kernels a layer (about 12 us of a 2.6B
+layer's 60 on an H200). `fused_matvec` below does a product and its
+neighbours in one Pallas (Triton) kernel: each program owns `block_n` rows of
+a matrix stored output first ([out, in], as the model stores every block
+matrix), walks them in `block_k`-wide steps summing in float32, and adds
+bias, gelu and residual at the end. The LayerNorm either comes first, each
+program computing the row's moments (the model's numerics exactly), or is
+folded through the product, W x' = rstd * (W (g x) - mean * (W g)) + W b,
+with the moments summed from the same steps.
 
-Measured on an H100 (2026-11-28, `benchmarks/results/2026-11-28-h100x4-fused-matvec-experiment.json`),
-one row, best of ~48 tile shapes each: LN1 + query/key/value 26.1 us (1.5
-TB/s), output projection 12.6 us (1.0), LN2 + FFN up 28.1 us (1.9), FFN
-down 29.5 us (1.8): 96 us a layer, where the model's XLA kernels for the
-same work, small ones included, take about 73 us (matvecs at 2.2-2.7 TB/s;
-`infer/bench.py profile`). At 32 rows the kernel lost too (LN1 + q/k/v
-39.4 us against XLA's 25.7 in this harness). A plain multiply-and-sum in
-place of `tl.dot` read 1.1-1.8 TB/s. What the fused neighbours save (~10
-us a layer) the slower weight reads lose twice over, so the model keeps
-XLA's matmuls. (In this harness XLA's own times come out slower than in the
-model, e.g. FFN down 42 us against 22, so compare the kernel's bandwidth
-with the model's profile, not with the harness's XLA column.) Left here so
-the numbers can be checked again with a newer Triton or other tiles.
+The harness: the four ops as the model computes them (LN1 + query/key/
+value, attention output + bias + residual, LN2 + FFN up + bias + gelu, FFN
+down + bias + residual; `xla` is the model's own code, `_dot`'s row
+reductions on a GPU) against the kernel with each tile shape, every op over
+the preset's layers' worth of distinct random matrices (more bytes than the
+L2 cache holds) in a jitted loop of `REPS` passes; with `--layer` also whole
+layers chained through the residual stream (the attention stood in for by
+q + k + v), XLA's against the kernels' with each op's fastest tiles. Prints
+the time per call, the matrix bytes read per second and the largest
+difference from XLA's output.
 
-The harness: for each of a block's four decode matmuls (LN1 + query/key/
-value, output projection + bias + residual, LN2 + FFN up + bias + gelu, FFN
-down + bias + residual), random bfloat16 weights in eight copies (so they
-do not sit in the 50 MB L2 between calls), run one after another inside a
-jitted while loop (ten passes), as the decode loop runs its layers: XLA's
-version (the model's jnp code) and the kernel with default tiles, or with
-`--sweep` every tile shape. Prints the time per call (the loop's median
-wall time over its calls, so the gaps between XLA's kernels count), the
-weight bytes over that time, and the largest difference from XLA's output.
+Measured on an H200 (2026-12-01, `benchmarks/results/2026-12-01-h200-fused-matvec-experiment.json`;
+`--sweep --layer`, then `--tiles` lists of about 20 forms, 2.6B bfloat16
+and 13B float16): the kernel's best forms read 2.1-3.0 TB/s (2.6B) and
+2.9-3.8 TB/s (13B), where XLA's reductions alone read 2.7-3.9 TB/s in the
+model; op for op, 0.80-0.96 of the speed of XLA's reduction with its small
+kernels (FFN down 1.00-1.05). Chained layers: 2.6B 54.3-55.2 us against
+XLA's 57.1-58.7 (-5%), 13B 178-182 against 161-162 (+10%). Folding the
+LayerNorm the same way in XLA instead (moments apart, the rest one
+multi-output row reduction) made decoding slower still: 2.6B 1.96 -> 2.49
+ms/token, 13B 6.62 -> 9.66. Not adopted.
+The first round (2026-11-28, H100, `git show 95b7ad4:benchmarks/fused_matvec_experiment.py`:
+matrices input first, `tl.dot` on rows padded to 16, too few programs)
+read 1.0-1.9 TB/s.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,23 +65,31 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from infer.bench import _card, _median_time, _print_table  # noqa: E402
 from pangu_jax import PanguConfig  # noqa: E402
-from pangu_jax.decode_attention import _next_power_of_2  # noqa: E402
-from pangu_jax.model import LayerNorm  # noqa: E402
+from pangu_jax.model import LayerNorm, _dot  # noqa: E402
 
-# Rows are padded to at least this many for the tensor cores (tl.dot needs
-# 16); a tl.dot also gets Triton's software pipelining of the weight loads,
-# which a plain multiply-and-sum does not (on an H100 it read 1.1-1.8 TB/s).
-DOT_ROWS = 16
+ACTIVATIONS = (None, "gelu_tanh", "gelu_erf")
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """How one kernel call is cut: output columns per program, contraction step, Triton's warps and stages."""
+    """How a call is cut, and which way the kernel is written.
 
-    block_n: int
-    block_k: int
+    `block_n` matrix rows per program, `block_k` columns per step, Triton's
+    warps and stages; `unroll`: the steps as straight-line code (else a
+    loop); `fold_norm`: the LayerNorm folded through the product (else the
+    moments first); `step_sum`: each step's products summed at once (else
+    a [block_n, block_k] float32 accumulator); `evict_first`: weights loaded
+    with the evict-first cache policy.
+    """
+
+    block_n: int = 8
+    block_k: int = 512
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
+    unroll: bool = True
+    fold_norm: bool = False
+    step_sum: bool = False
+    evict_first: bool = False
 
 
 def _largest_dividing_power_of_2(n: int, cap: int) -> int:
@@ -86,289 +99,368 @@ def _largest_dividing_power_of_2(n: int, cap: int) -> int:
     return p
 
 
-def default_tiles(n: int, k: int, out_first: bool) -> Tiles:
-    """The sweep's fastest tiles on an H100 for 2.6B's shapes, where they divide n and k."""
-    if out_first:
-        return Tiles(_largest_dividing_power_of_2(n, 32), _largest_dividing_power_of_2(k, 256), 4, 4)
-    wide = n >= 8192  # FFN up: wide tiles; FFN down: narrow ones, long steps
-    return Tiles(_largest_dividing_power_of_2(n, 128 if wide else 32),
-                 _largest_dividing_power_of_2(k, 256 if wide else 512), 4, 3 if wide else 4)
+def fitted(tiles: Tiles, n: int, k: int) -> Tiles:
+    """`tiles` with block_n and block_k cut down to powers of two that divide n and k."""
+    return dataclasses.replace(tiles, block_n=_largest_dividing_power_of_2(n, tiles.block_n),
+                               block_k=_largest_dividing_power_of_2(k, tiles.block_k))
 
 
-def supported(rows: int, n: int, k: int) -> bool:
-    """Whether the kernel takes these shapes: power-of-two tiles of at least 16 must divide n and k."""
-    return rows >= 1 and _largest_dividing_power_of_2(n, 16) == 16 and _largest_dividing_power_of_2(k, 16) == 16
-
-
-def _kernel(*refs, n_weights: int, out_first: bool, rows: int, k_size: int, block_k: int, epsilon: float,
-            layer_norm: bool, bias: bool, activation: str | None, residual: bool, compute_dtype):
-    x_ref, w_refs = refs[0], refs[1:1 + n_weights]
-    rest = list(refs[1 + n_weights:])
-    ln_scale_ref, ln_shift_ref = (rest.pop(0), rest.pop(0)) if layer_norm else (None, None)
-    bias_ref = rest.pop(0) if bias else None
-    residual_ref = rest.pop(0) if residual else None
-    out_refs = rest
-    padded_rows = x_ref.shape[0]
-    row_ok = jnp.arange(padded_rows) < rows
+def _kernel(*refs, n_matrices: int, int8: bool, layer_norm: bool, bias: bool, residual: bool,
+            activation: str | None, round_first: bool, k_size: int, block_k: int, epsilon: float,
+            compute_dtype, unroll: bool, fold_norm: bool, step_sum: bool,
+            evict_first: bool):
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    w_refs = [refs.pop(0) for _ in range(n_matrices)]
+    scale_refs = [refs.pop(0) for _ in range(n_matrices)] if int8 else [None] * n_matrices
+    g_ref, b_ref = (refs.pop(0), refs.pop(0)) if layer_norm else (None, None)
+    bias_ref = refs.pop(0) if bias else None
+    residual_ref = refs.pop(0) if residual else None
+    out_refs = refs
     steps = k_size // block_k
 
-    def x_chunk(step):
-        span = pl.ds(step * block_k, block_k)
-        return plgpu.load(x_ref.at[:, span], mask=row_ok[:, None], other=0).astype(jnp.float32)
+    def loop(step, start):
+        if unroll:
+            for i in range(steps):
+                start = step(i, start)
+            return start
+        return lax.fori_loop(0, steps, step, start)
 
-    if layer_norm:  # as model.LayerNorm: both moments in one pass, biased variance
-        def moments(step, carry):
-            total, squares = carry
-            xs = x_chunk(step)
-            return total + xs.sum(1), squares + (xs * xs).sum(1)
+    def span(i):
+        return pl.ds(i * block_k if isinstance(i, int) else pl.multiple_of(i * block_k, block_k), block_k)
 
-        zeros = jnp.zeros((padded_rows,), jnp.float32)
-        total, squares = lax.fori_loop(0, steps, moments, (zeros, zeros))
-        mean = total / k_size
-        rstd = lax.rsqrt(jnp.maximum(squares / k_size - mean * mean, 0) + epsilon)
+    fold = layer_norm and fold_norm
+    if layer_norm and not fold:  # as model.LayerNorm: biased variance from both moments
+        def moments(i, acc):
+            x = x_ref[span(i)].astype(jnp.float32)
+            return acc[0] + x, acc[1] + x * x
 
-    def step_fn(step, accs):
-        span = pl.ds(step * block_k, block_k)
-        xs = x_chunk(step)
-        if layer_norm:
-            xs = (xs - mean[:, None]) * rstd[:, None] * ln_scale_ref[span][None, :] + ln_shift_ref[span][None, :]
-        xs = xs.astype(compute_dtype)
-        out = []
-        for w_ref, acc in zip(w_refs, accs):
-            w = w_ref[:, span] if out_first else w_ref[span, :]
-            contract = 1 if out_first else 0
-            out.append(acc + lax.dot_general(xs, w, (((1,), (contract,)), ((), ())),
-                                             preferred_element_type=jnp.float32))
-        return tuple(out)
+        row = jnp.zeros((block_k,), jnp.float32)
+        total, squares = loop(moments, (row, row))
+        mean = jnp.sum(total) / k_size
+        rstd = lax.rsqrt(jnp.maximum(jnp.sum(squares) / k_size - mean * mean, 0) + epsilon)
 
-    block_n = out_refs[0].shape[1]
-    accs = lax.fori_loop(0, steps, step_fn,
-                         tuple(jnp.zeros((padded_rows, block_n), jnp.float32) for _ in w_refs))
-    for acc, out_ref in zip(accs, out_refs):
-        # As in the model, a matmul with a 16-bit output (FFN up) is rounded
-        # before its bias; one with a float32 output (into the residual) is not.
-        y = acc if out_ref.dtype == jnp.float32 else acc.astype(compute_dtype).astype(jnp.float32)
+    def product(w_ref, scale_ref, out_ref):
+        block_n = w_ref.shape[0]
+
+        def add(acc, w, x):
+            return acc + (jnp.sum(w * x[None, :], axis=1) if step_sum else w * x[None, :])
+
+        def step(i, accs):
+            x = x_ref[span(i)].astype(jnp.float32)
+            w = plgpu.load(w_ref.at[:, span(i)], eviction_policy="evict_first" if evict_first else None
+                           ).astype(jnp.float32)
+            if not fold:
+                if layer_norm:
+                    x = ((x - mean) * rstd * g_ref[span(i)] + b_ref[span(i)]).astype(compute_dtype).astype(jnp.float32)
+                return (add(accs[0], w, x),)
+            g, b = g_ref[span(i)], b_ref[span(i)]
+            wgx, wg, wb, total, squares = accs
+            return (add(wgx, w, g * x), add(wg, w, g), add(wb, w, b), total + x, squares + x * x)
+
+        tile = jnp.zeros((block_n,) if step_sum else (block_n, block_k), jnp.float32)
+        row = jnp.zeros((block_k,), jnp.float32)
+        accs = loop(step, (tile, tile, tile, row, row) if fold else (tile,))
+        total_of = (lambda a: a) if step_sum else (lambda a: jnp.sum(a, axis=1))
+        if fold:
+            wgx, wg, wb, total, squares = accs
+            x_mean = jnp.sum(total) / k_size
+            x_rstd = lax.rsqrt(jnp.maximum(jnp.sum(squares) / k_size - x_mean * x_mean, 0) + epsilon)
+            y = x_rstd * (total_of(wgx) - x_mean * total_of(wg)) + total_of(wb)
+        else:
+            y = total_of(accs[0])
+        if int8:
+            y = y * scale_ref[...]
+        if round_first:  # the model rounds a compute-dtype product before its bias
+            y = y.astype(compute_dtype).astype(jnp.float32)
         if bias:
-            y = y + bias_ref[...].astype(jnp.float32)[None, :]
-        if activation == "gelu_tanh":
-            y = jax.nn.gelu(y, approximate=True)
+            y = y + bias_ref[...].astype(jnp.float32)
+        if activation is not None:
+            y = jax.nn.gelu(y, approximate=activation == "gelu_tanh")
         if residual:
-            y = plgpu.load(residual_ref, mask=row_ok[:, None], other=0).astype(jnp.float32) + y
-        plgpu.store(out_ref, y.astype(out_ref.dtype), mask=row_ok[:, None])
+            y = residual_ref[...] + y
+        out_ref[...] = y.astype(out_ref.dtype)
+
+    if n_matrices == 1:
+        product(w_refs[0], scale_refs[0], out_refs[0])
+        return
+    which = pl.program_id(1)
+    for i in range(n_matrices):
+        pl.when(which == i)(functools.partial(product, w_refs[i], scale_refs[i], out_refs[i]))
 
 
-@functools.partial(jax.jit, static_argnames=("out_first", "epsilon", "activation", "out_dtype", "tiles",
-                                             "interpret"))
-def fused_matmul(x: jax.Array, weights: tuple[jax.Array, ...], *, out_first: bool,
-                  layer_norm: tuple[jax.Array, jax.Array] | None = None, epsilon: float = 1e-5,
-                  bias: jax.Array | None = None, activation: str | None = None,
-                  residual: jax.Array | None = None, out_dtype=None, tiles: Tiles | None = None,
-                  interpret: bool = False) -> tuple[jax.Array, ...]:
-    """`[activation](LN(x) @ w + bias) + residual` for each w in `weights`, in one kernel.
+@functools.partial(jax.jit, static_argnames=("epsilon", "activation", "round_first", "out_dtype", "compute_dtype",
+                                             "tiles", "interpret"))
+def fused_matvec(x: jax.Array, matrices: tuple[tuple[jax.Array, jax.Array | None], ...], *,
+                 layer_norm: tuple[jax.Array, jax.Array] | None = None, epsilon: float = 1e-5,
+                 bias: jax.Array | None = None, activation: str | None = None, round_first: bool = False,
+                 residual: jax.Array | None = None, out_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
+                 tiles: Tiles = Tiles(), interpret: bool = False) -> tuple[jax.Array, ...]:
+    """`residual + activation(M LN(x) + bias)` for each matrix M, one [out] row each, in one kernel.
 
-    `x` [rows, k] (any float dtype; float32 when it is the residual stream).
-    `weights`: one to three matrices of one shape, [n, k] if `out_first` else
-    [k, n], in the compute dtype (x is rounded to theirs before the matmul).
-    `layer_norm`: (scale, shift), each [k] float32, applied to x first with
-    `epsilon`. `bias` [n] (only with one weight): added to the matmul output,
-    rounded first to the compute dtype unless `out_dtype` is float32. `activation`: None or "gelu_tanh".
-    `residual` [rows, n] float32 is added last. Returns one [rows, n] array
-    per weight in `out_dtype` (default: the weights' dtype).
+    `x` [in]: one row (float32 for the residual stream). `matrices`: one or
+    more (values [out..., in], int8 scale [out...] or None), all of one
+    shape; values in the compute dtype or int8 (a float32 matrix in tests).
+    `layer_norm` (scale, shift), each [in]: x is normalised first, with
+    `epsilon`, as `model.LayerNorm`. `bias` [out...] and `residual`
+    [out...] (float32), only with one matrix. With `round_first` the
+    product is rounded to `compute_dtype` before the bias, as the model
+    rounds a 16-bit product. `activation`: None, "gelu_tanh" or "gelu_erf".
+    Returns one array [out...] in `out_dtype` per matrix.
     `interpret=True` runs the kernel in Pallas's interpreter (CPU).
     """
-    rows, k = x.shape
-    n = weights[0].shape[0 if out_first else 1]
-    if not 1 <= len(weights) <= 3 or any(w.shape != weights[0].shape for w in weights):
-        raise ValueError(f"fused_matmul: one to three weights of one shape, got {[w.shape for w in weights]}")
-    if weights[0].shape != ((n, k) if out_first else (k, n)):
-        raise ValueError(f"fused_matmul: x is {x.shape}, so a weight must be {(n, k) if out_first else (k, n)}"
-                         f" (out_first={out_first}), got {weights[0].shape}")
-    if bias is not None and len(weights) != 1:
-        raise ValueError("fused_matmul: a bias goes with one weight only")
-    if activation not in (None, "gelu_tanh"):
-        raise ValueError(f"fused_matmul: activation must be None or 'gelu_tanh', got {activation!r}")
-    if not supported(rows, n, k):
-        raise ValueError(f"fused_matmul: n ({n}) and k ({k}) must be multiples of 16")
-    compute_dtype = weights[0].dtype
-    out_dtype = compute_dtype if out_dtype is None else out_dtype
-    tiles = default_tiles(n, k, out_first) if tiles is None else tiles
-    padded_rows = _next_power_of_2(max(rows, DOT_ROWS))
-    block_n, block_k = tiles.block_n, min(tiles.block_k, k)
-    if n % block_n or k % block_k:
-        raise ValueError(f"fused_matmul: tiles {tiles} do not divide n={n}, k={k}")
+    (first, _), k = matrices[0], x.shape[-1]
+    out_shape = first.shape[:-1]
+    n = first.size // k
+    if x.ndim != 1 or first.shape[-1] != k:
+        raise ValueError(f"fused_matvec: x must be one row [in] and the matrices [out..., in]; "
+                         f"got x {x.shape} and a matrix {first.shape}")
+    if any(m[0].shape != first.shape or m[0].dtype != first.dtype for m in matrices):
+        raise ValueError(f"fused_matvec: the matrices must share one shape and dtype, got "
+                         f"{[(m[0].shape, str(m[0].dtype)) for m in matrices]}")
+    int8 = first.dtype == jnp.int8
+    if int8 != all(m[1] is not None for m in matrices) or any((m[1] is not None) != int8 for m in matrices):
+        raise ValueError("fused_matvec: int8 matrices need their scales, and only they take one")
+    if (bias is not None or residual is not None) and len(matrices) != 1:
+        raise ValueError("fused_matvec: a bias or residual goes with one matrix only")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fused_matvec: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    for name, value in (("bias", bias), ("residual", residual)):
+        if value is not None and value.shape != out_shape:
+            raise ValueError(f"fused_matvec: {name} must be [out...] = {out_shape}, got {value.shape}")
+    tiles = fitted(tiles, n, k)
+    block_n, block_k = tiles.block_n, tiles.block_k
 
-    whole = lambda j: (0, 0)  # noqa: E731
-    columns = pl.BlockSpec((padded_rows, block_n), lambda j: (0, j))
-    weight = (pl.BlockSpec((block_n, k), lambda j: (j, 0)) if out_first
-              else pl.BlockSpec((k, block_n), lambda j: (0, j)))
-    in_specs = [pl.BlockSpec((padded_rows, k), whole)] + [weight] * len(weights)
-    operands = [x, *weights]
+    rows = pl.BlockSpec((block_n,), lambda j, i: (j,))
+    whole = pl.BlockSpec((k,), lambda j, i: (0,))
+    in_specs = [whole] + [pl.BlockSpec((block_n, k), lambda j, i: (j, 0))] * len(matrices)
+    operands = [x] + [m[0].reshape(n, k) for m in matrices]
+    if int8:
+        in_specs += [rows] * len(matrices)
+        operands += [m[1].reshape(n).astype(jnp.float32) for m in matrices]
     if layer_norm is not None:
-        in_specs += [pl.BlockSpec((k,), lambda j: (0,))] * 2
+        in_specs += [whole, whole]
         operands += [layer_norm[0].astype(jnp.float32), layer_norm[1].astype(jnp.float32)]
     if bias is not None:
-        in_specs.append(pl.BlockSpec((block_n,), lambda j: (j,)))
-        operands.append(bias)
+        in_specs.append(rows)
+        operands.append(bias.reshape(n))
     if residual is not None:
-        in_specs.append(columns)
-        operands.append(residual)
+        in_specs.append(rows)
+        operands.append(residual.reshape(n).astype(jnp.float32))
     kernel = functools.partial(
-        _kernel, n_weights=len(weights), out_first=out_first, rows=rows, k_size=k, block_k=block_k,
-        epsilon=epsilon, layer_norm=layer_norm is not None, bias=bias is not None, activation=activation,
-        residual=residual is not None, compute_dtype=compute_dtype)
-    return tuple(pl.pallas_call(
+        _kernel, n_matrices=len(matrices), int8=int8, layer_norm=layer_norm is not None, bias=bias is not None,
+        residual=residual is not None, activation=activation, round_first=round_first, k_size=k,
+        block_k=block_k, epsilon=epsilon, compute_dtype=compute_dtype, unroll=tiles.unroll,
+        fold_norm=tiles.fold_norm, step_sum=tiles.step_sum, evict_first=tiles.evict_first)
+    outs = pl.pallas_call(
         kernel,
-        grid=(n // block_n,),
+        grid=(n // block_n, len(matrices)),
         in_specs=in_specs,
-        out_specs=[columns] * len(weights),
-        out_shape=[jax.ShapeDtypeStruct((rows, n), out_dtype)] * len(weights),
+        out_specs=[rows] * len(matrices),
+        out_shape=[jax.ShapeDtypeStruct((n,), out_dtype)] * len(matrices),
         compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
-        name="pangu_decode_matmul",
-    )(*operands))
+        name="pangu_fused_matvec",
+    )(*operands)
+    return tuple(o.reshape(out_shape) for o in outs)
 
 
-COPIES = 8
 REPS = 10
-EPS = 1e-5
+OPS = ("ln1+qkv", "out+residual", "ln2+up+gelu", "down+residual")
 
 
-def _layer_norm(x, scale, shift):
-    """The model's own LayerNorm."""
-    return LayerNorm(EPS).apply({"params": {"scale": scale, "bias": shift}}, x)
+def parse_tiles(text: str) -> Tiles:
+    """"8x512w4s2u1" -> Tiles(8, 512, 4, 2, True); a trailing f, r, e: fold_norm, step_sum, evict_first."""
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)u([01])(f?)(r?)(e?)", text)
+    if not m:
+        raise ValueError(f"--tiles: expected NxKwWsSuU[f][r][e] like 8x512w4s2u1 or 8x512w4s1u1re, got {text!r}")
+    n, k, w, s, u = map(int, m.groups()[:5])
+    return Tiles(n, k, w, s, bool(u), bool(m.group(6)), bool(m.group(7)), bool(m.group(8)))
 
 
-def _ops(h: int, f: int, dtype, interpret: bool = False):
-    """name -> (weight shape, weights per call, x width, out_first, xla(x, ws, aux), kernel(x, ws, aux, tiles))."""
-    def xla_qkv(x, ws, a):
-        y = _layer_norm(x, a["scale"], a["shift"]).astype(dtype)
-        return tuple(jnp.einsum("bk,nk->bn", y, w) for w in ws)
+def tiles_name(t: Tiles) -> str:
+    return (f"{t.block_n}x{t.block_k}w{t.num_warps}s{t.num_stages}u{int(t.unroll)}"
+            + "f" * t.fold_norm + "r" * t.step_sum + "e" * t.evict_first)
 
-    def into_residual(equation):
-        def run(x, ws, a):
-            return (a["residual"] + (jnp.einsum(equation, x, ws[0], preferred_element_type=jnp.float32)
-                                     + a["bias"].astype(jnp.float32)),)
-        return run
 
-    def xla_up(x, ws, a):
-        y = _layer_norm(x, a["scale"], a["shift"]).astype(dtype)
-        z = jnp.einsum("bk,kn->bn", y, ws[0]).astype(jnp.float32) + a["bias"].astype(jnp.float32)
-        return (jax.nn.gelu(z, approximate=True).astype(dtype),)
+SWEEP = ([Tiles(n, k, w, 1, True) for n, k, w in itertools.product((1, 2, 4, 8), (256, 512), (1, 2, 4))]
+         + [Tiles(n, 512, w, 1, True, step_sum=True) for n, w in itertools.product((2, 4, 8), (2, 4))]
+         + [Tiles(n, 512, 2, 1, True, fold_norm=True) for n in (2, 4)]
+         + [Tiles(n, 512, w, s, False) for n, w, s in itertools.product((2, 4), (2, 4), (2, 4))])
 
-    def kernel(out_first, ln, bias, act, res, out_dtype):
-        def run(x, ws, a, tiles):
-            return fused_matmul(x, ws, out_first=out_first, layer_norm=(a["scale"], a["shift"]) if ln else None,
-                                 epsilon=EPS, bias=a["bias"] if bias else None, activation=act,
-                                 residual=a["residual"] if res else None, out_dtype=out_dtype, tiles=tiles,
-                                 interpret=interpret)
-        return run
 
+def _matrix(key, shape, c: PanguConfig):
+    if c.weights == "int8":
+        values = jax.random.randint(key, shape, -127, 128, jnp.int8)
+        return values, jnp.full(shape[:1], 0.02 / 64, jnp.float32)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(c.jnp_dtype), None
+
+
+def make_layers(c: PanguConfig, seed: int = 0) -> list[dict]:
+    """Per layer: the four ops' matrices, LayerNorm parameters and biases."""
+    h, f = c.hidden_size, c.ffn_size
+    rng = np.random.default_rng(seed)
+    layers = []
+    for i, key in enumerate(jax.random.split(jax.random.key(seed), c.num_layers)):
+        k = jax.random.split(key, 6)
+        vec = lambda n, mu, sd: jnp.asarray(mu + sd * rng.normal(size=n), jnp.float32)  # noqa: E731
+        layers.append({
+            "qkv": tuple(_matrix(k[j], (h, h), c) for j in range(3)),
+            "out": _matrix(k[3], (h, h), c), "up": _matrix(k[4], (f, h), c), "down": _matrix(k[5], (h, f), c),
+            "ln1": (vec(h, 1, 0.1), vec(h, 0, 0.1)), "ln2": (vec(h, 1, 0.1), vec(h, 0, 0.1)),
+            "out_bias": vec(h, 0, 0.1), "up_bias": vec(f, 0, 0.1).astype(c.jnp_param_dtype),
+            "down_bias": vec(h, 0, 0.1),
+        })
+    return layers
+
+
+def xla_ops(c: PanguConfig):
+    """op -> fn(x, residual, layer): the model's code for it."""
+    def ln(x, params):
+        return LayerNorm(c.layer_norm_epsilon).apply({"params": {"scale": params[0], "bias": params[1]}}, x)
+
+    def qkv(x, r, p):
+        a = ln(x[None], p["ln1"])
+        return tuple(_dot(c, "bi,oi->bo", a, m)[0] for m in p["qkv"])
+
+    def out(o, r, p):
+        return (r + (_dot(c, "bi,oi->bo", o[None], p["out"], preferred_element_type=jnp.float32)[0]
+                     + p["out_bias"]),)
+
+    def up(x, r, p):
+        y = _dot(c, "bi,oi->bo", ln(x[None], p["ln2"]), p["up"])[0].astype(jnp.float32)
+        return (jax.nn.gelu(y + p["up_bias"].astype(jnp.float32),
+                            approximate=c.activation == "gelu_tanh").astype(c.jnp_dtype),)
+
+    def down(h, r, p):
+        return (r + (_dot(c, "bi,oi->bo", h[None], p["down"], preferred_element_type=jnp.float32)[0]
+                     + p["down_bias"]),)
+
+    return dict(zip(OPS, (qkv, out, up, down)))
+
+
+def kernel_ops(c: PanguConfig, tiles: dict, interpret: bool = False):
+    """op -> fn(x, residual, layer) through `fused_matvec` with `tiles[op]` (`interpret`: on a CPU)."""
+    common = dict(epsilon=c.layer_norm_epsilon, compute_dtype=c.jnp_dtype, interpret=interpret)
+    act = c.activation
     return {
-        "ln1+qkv": ((h, h), 3, h, True, xla_qkv, kernel(True, True, False, None, False, dtype)),
-        "out+bias+residual": ((h, h), 1, h, True, into_residual("bk,nk->bn"), kernel(True, False, True, None, True, jnp.float32)),
-        "ln2+up+bias+gelu": ((h, f), 1, h, False, xla_up, kernel(False, True, True, "gelu_tanh", False, dtype)),
-        "down+bias+residual": ((f, h), 1, f, False, into_residual("bk,kn->bn"), kernel(False, False, True, None, True, jnp.float32)),
+        "ln1+qkv": lambda x, r, p: fused_matvec(x, p["qkv"], layer_norm=p["ln1"], out_dtype=c.jnp_dtype,
+                                                 round_first=True, tiles=tiles["ln1+qkv"], **common),
+        "out+residual": lambda o, r, p: fused_matvec(o, (p["out"],), bias=p["out_bias"], residual=r,
+                                                      tiles=tiles["out+residual"], **common),
+        "ln2+up+gelu": lambda x, r, p: fused_matvec(x, (p["up"],), layer_norm=p["ln2"], bias=p["up_bias"],
+                                                     activation=act, round_first=True, out_dtype=c.jnp_dtype,
+                                                     tiles=tiles["ln2+up+gelu"], **common),
+        "down+residual": lambda h, r, p: fused_matvec(h, (p["down"],), bias=p["down_bias"], residual=r,
+                                                       tiles=tiles["down+residual"], **common),
     }
 
 
-def _loop(op, weights, reps: int):
-    """A jitted while loop of `reps` passes over all copies, as the decode loop runs its layers.
+def _op_input(c: PanguConfig, op: str, rng):
+    h, f = c.hidden_size, c.ffn_size
+    width = f if op == "down+residual" else h
+    dtype = jnp.float32 if op.startswith("ln") else c.jnp_dtype
+    return jnp.asarray(rng.normal(size=width), dtype), jnp.asarray(rng.normal(size=h), jnp.float32)
 
-    Each output feeds the next call's residual where there is one; every
-    output is carried by the loop (so none is dropped), and each pass's
-    input depends on the last pass's output (so none is hoisted out of it).
-    """
+
+def op_loop(fn, layers):
+    """REPS passes over every layer's op on one input; every output is carried, each pass seeded by the last."""
     @jax.jit
-    def run(x, aux):
+    def run(x, r, layers):
         def body(_, carry):
-            outs, aux, seed = carry
+            _, seed = carry
             xi = x + seed.astype(x.dtype)
-            outs = []
-            for ws in weights:
-                y = op(xi, ws, aux)
-                outs.append(y)
-                if "residual" in aux:
-                    aux = {**aux, "residual": y[0]}
-            return tuple(outs), aux, outs[-1][0][0, 0].astype(jnp.float32) * 0
-        first = tuple(jax.eval_shape(op, x, ws, aux) for ws in weights)
+            outs = tuple(fn(xi, r, p) for p in layers)
+            return outs, outs[-1][0][0].astype(jnp.float32) * 0
+        first = tuple(jax.eval_shape(fn, x, r, p) for p in layers)
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
-        return jax.lax.fori_loop(0, reps, body, (zeros, aux, jnp.float32(0)))[0]
+        return jax.lax.fori_loop(0, REPS, body, (zeros, jnp.float32(0)))[0]
     return run
 
 
-def _us_per_call(fn, x, aux, calls: int) -> float:
-    return _median_time(lambda: jax.block_until_ready(fn(x, aux)), 7) / calls * 1e6
+def layer_loop(ops):
+    """REPS passes of the layers chained through the residual stream."""
+    @jax.jit
+    def run(x, layers):
+        def body(_, x):
+            for p in layers:
+                q, k, v = ops["ln1+qkv"](x, None, p)
+                x, = ops["out+residual"](q + k + v, x, p)
+                h, = ops["ln2+up+gelu"](x, None, p)
+                x, = ops["down+residual"](h, x, p)
+            return x * 0.5
+        return jax.lax.fori_loop(0, REPS, body, x)
+    return run
+
+
+def op_bytes(c: PanguConfig, op: str) -> int:
+    h, f = c.hidden_size, c.ffn_size
+    per = 1 if c.weights == "int8" else jnp.dtype(c.jnp_param_dtype).itemsize
+    return per * {"ln1+qkv": 3 * h * h, "out+residual": h * h, "ln2+up+gelu": f * h, "down+residual": f * h}[op]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="2.6B")
-    p.add_argument("--rows", default="1,32")
-    p.add_argument("--ops", help="comma-separated subset of the four matmuls")
-    p.add_argument("--sweep", action="store_true", help="try every tile shape, not just the default")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--weights", default="float", choices=["float", "int8"])
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--tiles", default="8x512w4s1u1", help="comma-separated tile shapes to time per op")
+    p.add_argument("--sweep", action="store_true", help=f"also the {len(SWEEP)} tile shapes of SWEEP")
+    p.add_argument("--layer", action="store_true", help="also whole chained layers with each op's fastest tiles")
     p.add_argument("--json")
     args = p.parse_args()
-    config = PanguConfig.preset(args.model)
-    h, f, dtype = config.hidden_size, config.ffn_size, jnp.bfloat16
-    ops = _ops(h, f, dtype)
-    names = args.ops.split(",") if args.ops else list(ops)
-    rng = np.random.default_rng(0)
-    rows_out = []
-    for name in names:
-        shape, n_weights, width, out_first, xla, kern = ops[name]
-        keys = jax.random.split(jax.random.key(len(rows_out)), COPIES * n_weights)
-        weights = [tuple((0.02 * jax.random.normal(keys[c * n_weights + i], shape, jnp.float32)).astype(dtype)
-                         for i in range(n_weights)) for c in range(COPIES)]
-        n = shape[0] if out_first else shape[1]
-        weight_bytes = n_weights * shape[0] * shape[1] * 2
-        for rows in map(int, args.rows.split(",")):
-            x = jnp.asarray(rng.normal(size=(rows, width)), jnp.float32 if "ln" in name else dtype)
-            aux = {"scale": jnp.asarray(1 + 0.1 * rng.normal(size=width), jnp.float32),
-                   "shift": jnp.asarray(0.1 * rng.normal(size=width), jnp.float32),
-                   "bias": jnp.asarray(0.1 * rng.normal(size=n), dtype)}
-            if "residual" in name:
-                aux["residual"] = jnp.asarray(rng.normal(size=(rows, n)), jnp.float32)
-            reference = _loop(xla, weights, REPS)
-            want = reference(x, aux)
-            base = {"op": name, "rows": rows, "weight_MB": weight_bytes / 1e6}
-            xla_us = _us_per_call(reference, x, aux, REPS * COPIES)
-            rows_out.append({**base, "impl": "xla", "us": xla_us, "TBps": weight_bytes / xla_us / 1e6, "vs_xla": 1.0})
-            print(json.dumps(rows_out[-1]), flush=True)
-            default = default_tiles(n, width, out_first)
-            candidates = [default]
-            if args.sweep:
-                candidates += [Tiles(bn, bk, w, s) for bn, bk, w, s in itertools.product(
-                    (16, 32, 64, 128), (128, 256, 512), (4, 8), (3, 4))
-                    if n % bn == 0 and width % bk == 0 and bn * bk <= 32768]
-            for tiles in dict.fromkeys(candidates):
-                run = _loop(lambda x, ws, a, t=tiles: kern(x, ws, a, t), weights, REPS)
-                try:
-                    got = run(x, aux)
-                    us = _us_per_call(run, x, aux, REPS * COPIES)
-                except Exception as e:  # a tile shape Triton cannot compile
-                    print(f"{name} rows {rows} {tiles}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    continue
-                diff = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
-                           for gs, ws_ in zip(got, want) for g, w in zip(gs, ws_))
-                rows_out.append({**base, "impl": "default" if tiles == default else "sweep",
-                                 "tiles": f"n{tiles.block_n} k{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages}",
-                                 "us": us, "TBps": weight_bytes / us / 1e6,
-                                 "vs_xla": xla_us / us, "max_diff": diff})
-                print(json.dumps(rows_out[-1]), flush=True)
-    card = _card()
-    best = [r for r in rows_out if r["impl"] != "sweep"]
-    if args.sweep:
-        for key in dict.fromkeys((r["op"], r["rows"]) for r in rows_out):
-            tried = [r for r in rows_out if (r["op"], r["rows"]) == key and r["impl"] != "xla"]
-            if tried:
-                best.append({**min(tried, key=lambda r: r["us"]), "impl": "best"})
-    _print_table(f"decode matmuls, {args.model} bf16, on {card}, {time.strftime('%Y-%m-%d')}", best,
-                 ["op", "rows", "impl", "tiles", "us", "TBps", "vs_xla", "max_diff"])
+    c = PanguConfig.preset(args.model, dtype=args.dtype, param_dtype=args.dtype, weights=args.weights)
+    layers = make_layers(c)
+    card, rng, rows, best = _card(), np.random.default_rng(1), [], {}
+    candidates = [parse_tiles(t) for t in args.tiles.split(",") if t] + (SWEEP if args.sweep else [])
+    for op in args.ops.split(","):
+        x, r = _op_input(c, op, rng)
+        nbytes = op_bytes(c, op) * len(layers)
+        calls = REPS * len(layers)
+        reference = op_loop(xla_ops(c)[op], layers)
+        want = reference(x, r, layers)
+        xla_us = _median_time(lambda: jax.block_until_ready(reference(x, r, layers)), 7) / calls * 1e6
+        rows.append({"op": op, "impl": "xla", "us": xla_us, "TBps": nbytes / len(layers) / xla_us / 1e6})
+        print(json.dumps(rows[-1]), flush=True)
+        n, k = (c.hidden_size, c.ffn_size) if op == "down+residual" else (
+            c.ffn_size if op == "ln2+up+gelu" else c.hidden_size, c.hidden_size)
+        for tiles in dict.fromkeys(fitted(t, n, k) for t in candidates):
+            run = op_loop(kernel_ops(c, {o: tiles for o in OPS})[op], layers)
+            try:
+                got = run(x, r, layers)
+                us = _median_time(lambda: jax.block_until_ready(run(x, r, layers)), 7) / calls * 1e6
+            except Exception as e:  # a tile shape Triton cannot compile
+                print(f"{op} {tiles_name(tiles)}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            diff = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
+                       for gs, ws in zip(got, want) for g, w in zip(gs, ws))
+            rows.append({"op": op, "impl": "kernel", "tiles": tiles_name(tiles), "us": us,
+                         "TBps": nbytes / len(layers) / us / 1e6, "vs_xla": xla_us / us, "max_diff": diff})
+            print(json.dumps(rows[-1]), flush=True)
+            if op not in best or us < best[op][1]:
+                best[op] = (tiles, us)
+    if args.layer and len(best) == len(OPS):
+        x = jnp.asarray(rng.normal(size=c.hidden_size), jnp.float32)
+        for impl, ops in (("xla", xla_ops(c)), ("kernel", kernel_ops(c, {o: t for o, (t, _) in best.items()}))):
+            run = layer_loop(ops)
+            got = run(x, layers)
+            us = _median_time(lambda: jax.block_until_ready(run(x, layers)), 7) / (REPS * len(layers)) * 1e6
+            nbytes = sum(op_bytes(c, o) for o in OPS)
+            rows.append({"op": "layer", "impl": impl, "us": us, "TBps": nbytes / us / 1e6,
+                         "tiles": " ".join(tiles_name(t) for t, _ in best.values()) if impl == "kernel" else "",
+                         "out_mean_abs": float(jnp.mean(jnp.abs(got)))})
+            print(json.dumps(rows[-1]), flush=True)
+    title = f"decode products at one row, {args.model} {args.dtype} {args.weights}, on {card}, {time.strftime('%Y-%m-%d')}"
+    shown = [r for r in rows if r["impl"] == "xla" or r["op"] == "layer"] + [
+        next(r for r in rows if r["op"] == op and r.get("tiles") == tiles_name(t)) for op, (t, _) in best.items()]
+    _print_table(title, shown, ["op", "impl", "tiles", "us", "TBps", "vs_xla", "max_diff"])
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "card": card, "model": args.model,
+            json.dump({"date": time.strftime("%Y-%m-%d"), "card": card, "model": args.model, "dtype": args.dtype,
+                       "weights": args.weights,
                        "command": "python benchmarks/fused_matvec_experiment.py " + " ".join(sys.argv[1:]),
-                       "rows": rows_out}, out, indent=1)
+                       "rows": rows}, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -47,25 +47,23 @@ def test_kernel_families_drop_xla_numbering_only():
 
 
 def test_fused_matvec_experiment_computes_what_the_model_does():
-    """The experiment's kernel (interpreted) against the harness's XLA versions of the four decode matmuls."""
+    """The experiment's kernel (interpreted), in each of its forms, against the model's code for the four products."""
     import numpy as np
 
     from benchmarks import fused_matvec_experiment as experiment
+    from pangu_jax import PanguConfig
 
+    config = PanguConfig.preset("tiny", dtype="float32")
+    layer = experiment.make_layers(config)[0]
     rng = np.random.default_rng(0)
-    h, f = 64, 128
-    for name, (shape, n_weights, width, out_first, xla, kernel) in experiment._ops(h, f, jnp.float32,
-                                                                                interpret=True).items():
-        n = shape[0] if out_first else shape[1]
-        for rows in (1, 3):
-            weights = tuple(jnp.asarray(0.1 * rng.normal(size=shape), jnp.float32) for _ in range(n_weights))
-            aux = {"scale": jnp.asarray(1 + 0.1 * rng.normal(size=width), jnp.float32),
-                   "shift": jnp.asarray(0.1 * rng.normal(size=width), jnp.float32),
-                   "bias": jnp.asarray(rng.normal(size=n), jnp.float32),
-                   "residual": jnp.asarray(rng.normal(size=(rows, n)), jnp.float32)}
-            x = jnp.asarray(rng.normal(size=(rows, width)), jnp.float32)
-            for want, got in zip(xla(x, weights, aux), kernel(x, weights, aux, experiment.Tiles(16, 32))):
-                np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{name}, {rows} rows")
+    forms = (experiment.Tiles(8, 32, unroll=False), experiment.Tiles(4, 16, fold_norm=True, step_sum=True,
+                                                                      evict_first=True))
+    for tiles in forms:
+        kernels = experiment.kernel_ops(config, dict.fromkeys(experiment.OPS, tiles), interpret=True)
+        for name, xla in experiment.xla_ops(config).items():
+            x, residual = experiment._op_input(config, name, rng)
+            for want, got in zip(xla(x, residual, layer), kernels[name](x, residual, layer), strict=True):
+                np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{name}, {tiles}")
 
 
 def test_compile_options_sweep_times_each_variant_from_the_same_state(tmp_path, capsys):
