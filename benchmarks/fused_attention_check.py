@@ -1,13 +1,17 @@
 """On a GPU: do the fused attention kernels (cuDNN, Pallas decode) compute what the explicit one does?
 
-    python benchmarks/fused_attention_check.py [--model 2.6B] [--attention auto|cudnn] [--mesh tensor=4] [--json PATH]
+    python benchmarks/fused_attention_check.py [--model 2.6B] [--attention auto|cudnn] [--mesh tensor=4] [--prompts 1|2]
+        [--json PATH]
 
-Random weights in bfloat16; two prompts (1000 tokens, and 341 behind 683 of
-left padding, for 1024 positions) prefilled with the fused attention (`--attention`) and with the explicit
-einsum/softmax path (`PanguConfig.attention="explicit"`), then 16 greedy
-tokens each way (decoded with the same attention as the prefill); with `--mesh`, the fused run also on that mesh. Prints the
-largest logit difference at the last prompt position, whether the argmax
-agrees and whether the greedy continuations are equal.
+Random weights in bfloat16; two prompts (1000 tokens, and 341 behind 683
+of left padding, for 1024 positions; with `--prompts 1` the first alone, so
+that decoding runs at one row and its products as row reductions) prefilled
+with the fused attention (`--attention`) and with the explicit einsum/softmax
+path (`PanguConfig.attention="explicit"`), then 16 greedy tokens each way
+(decoded with the same attention as the prefill); with `--mesh`, the fused
+run also on that mesh. Prints the largest logit difference at the last
+prompt position, whether the argmax agrees and whether the greedy
+continuations are equal.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ def main() -> None:
     p.add_argument("--model", default="2.6B")
     p.add_argument("--mesh")
     p.add_argument("--attention", default="auto", help="the fused configuration (PanguConfig.attention)")
+    p.add_argument("--prompts", type=int, default=2, choices=[1, 2])
     p.add_argument("--json")
     args = p.parse_args()
     config, params = _device_model(args.model, "bfloat16", attention=args.attention)
     rng = np.random.default_rng(0)
-    lengths = (config.max_positions - 24, config.max_positions // 3)
+    lengths = (config.max_positions - 24, config.max_positions // 3)[:args.prompts]
     prompts = [rng.integers(10, config.vocab_size, n).tolist() for n in lengths]
     assert model._fused_attention(config), "no fused attention here (needs a GPU and 16-bit compute)"
     fused_logits, fused_tokens = run(config, params, prompts)

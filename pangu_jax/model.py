@@ -87,7 +87,8 @@ def _matrix(module: nn.Module, name: str, shape, axes: tuple[str, ...], channels
 # (`benchmarks/matvec_micro.py`): query/key/value 29 us as a row reduction
 # against 41 us as the einsum; decoding 7.5 -> 4.9 ms/token. In float, with
 # the FFN also stored output first: 13B float16 7.15-7.19 -> 6.62-6.63
-# ms/token, 2.6B bfloat16 2.09 -> 1.96-1.98. From two rows on, each row would
+# ms/token, 2.6B bfloat16 2.09 -> 1.96-1.98; on two H200s at tensor=2, 13B
+# float16 5.97 -> 5.11 ms/token. From two rows on, each row would
 # read the matrix again. On a CPU XLA's einsum is the faster by far (350M
 # query/key/value: 0.6 against 41 ms), so there the reduction is not used.
 REDUCTION_ROWS = 1
