@@ -219,7 +219,7 @@ def fused_matvec(x: jax.Array, matrices: tuple[tuple[jax.Array, jax.Array | None
         raise ValueError(f"fused_matvec: the matrices must share one shape and dtype, got "
                          f"{[(m[0].shape, str(m[0].dtype)) for m in matrices]}")
     int8 = first.dtype == jnp.int8
-    if int8 != all(m[1] is not None for m in matrices) or any((m[1] is not None) != int8 for m in matrices):
+    if any((m[1] is not None) != int8 for m in matrices):
         raise ValueError("fused_matvec: int8 matrices need their scales, and only they take one")
     if (bias is not None or residual is not None) and len(matrices) != 1:
         raise ValueError("fused_matvec: a bias or residual goes with one matrix only")
@@ -357,10 +357,9 @@ def kernel_ops(c: PanguConfig, tiles: dict, interpret: bool = False):
 
 
 def _op_input(c: PanguConfig, op: str, rng):
-    h, f = c.hidden_size, c.ffn_size
-    width = f if op == "down+residual" else h
+    _, out, width = op_matrices(c, op)
     dtype = jnp.float32 if op.startswith("ln") else c.jnp_dtype
-    return jnp.asarray(rng.normal(size=width), dtype), jnp.asarray(rng.normal(size=h), jnp.float32)
+    return jnp.asarray(rng.normal(size=width), dtype), jnp.asarray(rng.normal(size=out), jnp.float32)
 
 
 def op_loop(fn, layers):
@@ -393,10 +392,15 @@ def layer_loop(ops):
     return run
 
 
-def op_bytes(c: PanguConfig, op: str) -> int:
+def op_matrices(c: PanguConfig, op: str) -> tuple[int, int, int]:
+    """(matrices, out, in) of an op."""
     h, f = c.hidden_size, c.ffn_size
-    per = 1 if c.weights == "int8" else jnp.dtype(c.jnp_param_dtype).itemsize
-    return per * {"ln1+qkv": 3 * h * h, "out+residual": h * h, "ln2+up+gelu": f * h, "down+residual": f * h}[op]
+    return {"ln1+qkv": (3, h, h), "out+residual": (1, h, h), "ln2+up+gelu": (1, f, h), "down+residual": (1, h, f)}[op]
+
+
+def op_bytes(c: PanguConfig, op: str) -> int:
+    count, n, k = op_matrices(c, op)
+    return count * n * k * (1 if c.weights == "int8" else jnp.dtype(c.jnp_param_dtype).itemsize)
 
 
 def main() -> None:
@@ -423,8 +427,7 @@ def main() -> None:
         xla_us = _median_time(lambda: jax.block_until_ready(reference(x, r, layers)), 7) / calls * 1e6
         rows.append({"op": op, "impl": "xla", "us": xla_us, "TBps": nbytes / len(layers) / xla_us / 1e6})
         print(json.dumps(rows[-1]), flush=True)
-        n, k = (c.hidden_size, c.ffn_size) if op == "down+residual" else (
-            c.ffn_size if op == "ln2+up+gelu" else c.hidden_size, c.hidden_size)
+        _, n, k = op_matrices(c, op)
         for tiles in dict.fromkeys(fitted(t, n, k) for t in candidates):
             run = op_loop(kernel_ops(c, {o: tiles for o in OPS})[op], layers)
             try:
@@ -451,7 +454,8 @@ def main() -> None:
                          "tiles": " ".join(tiles_name(t) for t, _ in best.values()) if impl == "kernel" else "",
                          "out_mean_abs": float(jnp.mean(jnp.abs(got)))})
             print(json.dumps(rows[-1]), flush=True)
-    title = f"decode products at one row, {args.model} {args.dtype} {args.weights}, on {card}, {time.strftime('%Y-%m-%d')}"
+    title = (f"decode products at one row, {args.model} {args.dtype} {args.weights}, on {card}, "
+             f"{time.strftime('%Y-%m-%d')}")
     shown = [r for r in rows if r["impl"] == "xla" or r["op"] == "layer"] + [
         next(r for r in rows if r["op"] == op and r.get("tiles") == tiles_name(t)) for op, (t, _) in best.items()]
     _print_table(title, shown, ["op", "impl", "tiles", "us", "TBps", "vs_xla", "max_diff"])
