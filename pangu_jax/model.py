@@ -42,6 +42,7 @@ import functools
 import math
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -343,8 +344,26 @@ class Block(nn.Module):
         return x, new_kv
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _block(config: PanguConfig, params: Params, *args) -> tuple[jax.Array, Cache]:
+    """One ordinary block applied: a jitted function, so that every layer of the same shapes reuses one trace."""
+    return Block(config).apply({"params": params}, *args)
+
+
 class BlockLoop(nn.Module):
-    """The ordinary blocks as separate per-layer modules "0", "1", ... (unrolled)."""
+    """The ordinary blocks as separate per-layer modules "0", "1", ... (unrolled).
+
+    Outside `init` each layer runs as `_block`, a jitted function whose
+    trace JAX caches, so that all layers share one trace. Tracing them one
+    by one cost every process about half a second a program before its
+    first token, compilation cache or not (2.6B, traced and lowered on the
+    CPU host: the prefill 0.55-0.58 -> 0.11-0.13 s, a decode chunk
+    0.66-0.69 -> 0.11-0.14 s; 13B 0.74 -> 0.14 and 0.91 -> 0.12; on an
+    H200, 2.6B's first token with the compilation cache 2.37 -> 0.90 s).
+    XLA inlines the calls (on a CPU the compiled decode has the same
+    instructions; on the H200 2.6B decodes as fast as before). Each
+    block's output is sown as one entry of "hidden".
+    """
 
     config: PanguConfig
 
@@ -354,9 +373,22 @@ class BlockLoop(nn.Module):
         cache_positions: jax.Array | None, cache_index: jax.Array | None,
     ) -> tuple[jax.Array, tuple[Cache, ...]]:
         new_kv = []
+        layers = None if self.is_initializing() else self.variables["params"]
         for i in range(self.config.num_blocks):
+            name = str(i)
             layer_cache = None if caches is None else caches[i]
-            x, kv = Block(self.config, name=str(i))(x, layer_cache, positions, cache_positions, cache_index)
+            args = (x, layer_cache, positions, cache_positions, cache_index)
+            if layers is None:
+                x, kv = Block(self.config, name=name)(*args)
+            else:
+                if name not in layers:
+                    raise ValueError(f"no parameters for block {name} (blocks/{name}); the model has "
+                                     f"{self.config.num_blocks} blocks")
+                try:
+                    x, kv = _block(self.config, nn.meta.unbox(layers[name]), *args)
+                except flax.errors.FlaxError as e:
+                    raise ValueError(f"block {name} (blocks/{name}): {e}") from e
+                self.sow("intermediates", "hidden", x)
             new_kv.append(kv)
         return x, tuple(new_kv)
 
@@ -550,7 +582,7 @@ def hidden_states(
     )
     found = state["intermediates"]
     if unstacked:
-        blocks = jnp.stack([found["blocks"][str(i)]["hidden"][0] for i in range(config.num_blocks)])
+        blocks = jnp.stack(found["blocks"]["hidden"])
     else:
         blocks = found["blocks"]["hidden"][0]
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -243,3 +244,45 @@ def test_a_product_the_reduction_cannot_take_is_refused():
     matrix = (jnp.zeros((4, 6), jnp.int8), jnp.ones((4,)))
     with pytest.raises(ValueError, match=r"_dot: 'bte,ef->bft' is not x \[rows..., in...\] times w"):
         _dot(config, "bte,ef->bft", jnp.ones((1, 1, 4)), matrix)
+
+
+def _block_calls(jaxpr) -> list:
+    """The `_block` calls in a jaxpr, nested ones included."""
+    calls = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("pjit", "jit") and eqn.params["name"] == "_block":
+            calls.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            calls += _block_calls(sub)
+    return calls
+
+
+def test_every_unstacked_block_reuses_one_trace():
+    config = PanguConfig.preset("tiny", num_layers=6)
+    params = init_params(config, 0, unstacked=True)
+    jaxpr = jax.make_jaxpr(lambda p, t: forward(config, p, t))(params, jnp.ones((1, 4), jnp.int32))
+    calls = _block_calls(jaxpr.jaxpr)
+    assert len(calls) == config.num_blocks == 5
+    assert len({id(c.params["jaxpr"]) for c in calls}) == 1
+
+
+@pytest.mark.parametrize("unstacked", [False, True])
+def test_parameters_missing_or_of_the_wrong_shape_are_named(tiny_fp32, unstacked):
+    import flax
+
+    config, params = tiny_fp32
+    params = unstack_layers(params) if unstacked else params
+    tokens = jnp.asarray([[5, 6, 7]])
+    wrong = {**params, "final_ln": {**params["final_ln"], "scale": jnp.ones((3,))}}
+    with pytest.raises(flax.errors.ScopeParamShapeError, match=r'"scale" in "/final_ln".*\(64,\).*\(3,\)'):
+        forward(config, wrong, tokens)
+    missing = {**params, "final_ln": {"scale": params["final_ln"]["scale"]}}
+    with pytest.raises(flax.errors.ScopeParamNotFoundError, match=r'"bias" in scope "/final_ln"'):
+        forward(config, missing, tokens)
+    if unstacked:
+        blocks = params["blocks"]
+        layer = {**blocks["1"], "mlp": {**blocks["1"]["mlp"], "up_bias": jnp.ones((2,))}}
+        with pytest.raises(ValueError, match=r'block 1 \(blocks/1\): .*"up_bias" in "/mlp"'):
+            forward(config, {**params, "blocks": {**blocks, "1": layer}}, tokens)
+        with pytest.raises(ValueError, match=r"no parameters for block 1 \(blocks/1\); the model has 2 blocks"):
+            forward(config, {**params, "blocks": {k: v for k, v in blocks.items() if k != "1"}}, tokens)
