@@ -107,7 +107,7 @@ def _prefill(
     tokens: jax.Array,
     positions: jax.Array,
     limits: jax.Array,
-    keys: jax.Array,
+    seeds: jax.Array,
     *,
     sampler: Sampler,
     cache_length: int,
@@ -116,8 +116,9 @@ def _prefill(
     mesh: jax.sharding.Mesh | None,
     rules: Rules,
 ) -> State:
-    """Run the prompts into a fresh cache and emit the first new token."""
+    """Run the prompts into a fresh cache and emit the first new token; `seeds` [batch] uint32 make the rows' keys."""
     batch = tokens.shape[0]
+    keys = jax.vmap(jax.random.key)(seeds)
     logits, cache = prefill(config, params, tokens, positions, cache_length)
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, cache_shardings(mesh, cache, rules))
@@ -189,12 +190,12 @@ def _progress(state: State) -> State:
     return {k: jnp.copy(state[k]) for k in ("out", "lengths", "step", "done")}
 
 
-def _row_keys(seed: int | Sequence[int], batch: int) -> jax.Array:
-    """One key per row: `seed` for every row, or one seed per row."""
+def _row_seeds(seed: int | Sequence[int], batch: int) -> np.ndarray:
+    """One seed per row (uint32): `seed` for every row, or one seed per row."""
     seeds = np.full(batch, seed) if np.ndim(seed) == 0 else np.asarray(seed).reshape(-1)
     if len(seeds) != batch:
         raise ValueError(f"seed: got {len(seeds)} seeds for {batch} prompts; give one int or one per prompt")
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    return seeds.astype(np.uint32)
 
 
 def _params_mesh(params: Params) -> jax.sharding.Mesh | None:
@@ -210,22 +211,24 @@ class _Run:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         prompts = check_prompts(config, prompts)
         self.rows = len(prompts)
-        keys = _row_keys(seed, self.rows)
+        seeds = _row_seeds(seed, self.rows)
         mesh = _params_mesh(params)
         if mesh is not None and self.rows % mesh.shape["data"]:
             # Fill the batch to a multiple of the data axis with copies of the first row.
             extra = mesh.shape["data"] - self.rows % mesh.shape["data"]
             prompts = prompts + [prompts[0]] * extra
-            keys = jnp.concatenate([keys, jnp.repeat(keys[:1], extra)])
+            seeds = np.concatenate([seeds, np.repeat(seeds[:1], extra)])
         width = bucket(max(len(p) for p in prompts), config.max_positions)
         limits = [min(max_new_tokens, config.max_positions - len(p)) for p in prompts]
         self.steps = max(limits)
         self.chunk = CHUNK
         tokens, positions = _left_pad(prompts, width)
-        inputs = [jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(limits, jnp.int32), keys]
-        if mesh is not None:
-            inputs = [jax.device_put(x, logical_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), rules))
-                      for x in inputs]
+        # Host arrays go to the device as they are: a jnp.asarray or key made
+        # here would compile a small program of its own in every process.
+        inputs = [tokens, positions, np.asarray(limits, np.int32), seeds]
+        inputs = [jax.device_put(x, None if mesh is None else
+                                 logical_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), rules))
+                  for x in inputs]
         self.config, self.params, self.sampler = config, params, sampler
         self.stop_ids = tuple(int(s) for s in stop_ids)
         # Room for the new tokens (and a streamed last chunk's overshoot) in a
@@ -247,7 +250,7 @@ class _Run:
 
     def finished(self, progress: State | None = None) -> bool:
         progress = self.state if progress is None else progress
-        return int(progress["step"]) >= self.steps or bool(jnp.all(progress["done"][: self.rows]))
+        return int(progress["step"]) >= self.steps or bool(np.asarray(progress["done"])[: self.rows].all())
 
     def tokens(self, progress: State | None = None) -> list[list[int]]:
         progress = self.state if progress is None else progress
