@@ -46,8 +46,9 @@ def test_the_cache_keeps_programs_worth_a_disk_entry_only(tmp_path):
 
     from pangu_jax.compilation_cache import enable_compilation_cache
 
-    before = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                                              "jax_persistent_cache_min_entry_size_bytes")}
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {k: getattr(jax.config, k) for k in names}
     try:
         assert enable_compilation_cache(tmp_path / "xla") == tmp_path / "xla" and (tmp_path / "xla").is_dir()
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
