@@ -83,7 +83,8 @@ def sweep(config, params, batch: int, variants: list[str], *, prompt: int, new: 
             began = time.perf_counter()
             compiled[name] = lowered.compile(compiler_options=row["options"])
             row["compile_s"] = time.perf_counter() - began
-            row["tokens"] = np.asarray(jax.block_until_ready(compiled[name](params, fresh()))["out"]).tolist()
+            state, _ = jax.block_until_ready(compiled[name](params, fresh()))
+            row["tokens"] = np.asarray(state["out"]).tolist()
         except Exception as error:  # an option this XLA lacks, or a failed compile: that row's result
             row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
             compiled.pop(name, None)

@@ -313,20 +313,33 @@ def case_profile(model: str, dtype: str, batch: int, prompt: int, new: int, layo
             "xla_flags": os.environ.get("XLA_FLAGS", ""), **found}
 
 
-def case_ttft(model: str, dtype: str, prompt: int, cache_dir: str) -> dict:
-    """Seconds from calling generate() in a fresh process to its first token, compile included."""
+def case_ttft(model: str, dtype: str, prompt: int, cache_dir: str, via: str = "generate", new: int = 64) -> dict:
+    """Seconds from calling generate() or stream() in a fresh process to its first token, compile included.
+
+    `generate` is asked for one token (the prefill's). `stream` is asked for
+    `new` and timed to its first chunk, then run to its end, so that the
+    compilation cache gets every program it uses (`last_token_s`).
+    """
     import numpy as np
 
-    from pangu_jax import generate
+    from pangu_jax import generate, stream
     from pangu_jax.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache(cache_dir)
     config, params = _device_model(model, dtype)
     prompts = np.random.default_rng(0).integers(10, config.vocab_size, (1, prompt)).tolist()
+    options = dict(temperature=0, stop_ids=())
+    row = {"case": "ttft", "via": via, "model": model, "dtype": dtype, "prompt": prompt}
     start = time.perf_counter()
-    generate(config, params, prompts, 1, temperature=0, stop_ids=())
-    cold = time.perf_counter() - start
-    return {"case": "ttft", "model": model, "dtype": dtype, "prompt": prompt, "first_token_s": cold}
+    if via == "generate":
+        generate(config, params, prompts, 1, **options)
+        return {**row, "first_token_s": time.perf_counter() - start}
+    chunks = stream(config, params, prompts, new, **options)
+    next(chunks)
+    first = time.perf_counter() - start
+    for _ in chunks:
+        pass
+    return {**row, "new": new, "first_token_s": first, "last_token_s": time.perf_counter() - start}
 
 
 def case_memory(model: str, dtype: str, layout: str = "unstacked", weights: str = "float") -> dict:
@@ -499,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", type=int, default=16,
                    help="decode and throughput tables: prompt length (the decode is timed after it)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--via", default="generate,stream", help="ttft table: time generate() and/or stream()")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="append the rows to this JSON file")
     args = p.parse_args(argv)
@@ -547,11 +561,18 @@ def main(argv: list[str] | None = None) -> None:
     elif args.table == "ttft":
         import tempfile
 
-        with tempfile.TemporaryDirectory() as cache:
-            rows = [_run_case("ttft", flags, model=args.model, dtype=dtypes[0], prompt=16, cache_dir=cache)
-                    for _ in range(2)]
-        rows[0]["compilation_cache"], rows[1]["compilation_cache"] = "empty (cold)", "filled by the first run"
-        cols = ["case", "model", "dtype", "prompt", "compilation_cache", "first_token_s", "error"]
+        vias = args.via.split(",")
+        if set(vias) - {"generate", "stream"}:
+            raise SystemExit(f"--via: {args.via!r}; give generate and/or stream, comma-separated")
+        rows = []
+        for via in vias:
+            with tempfile.TemporaryDirectory() as cache:
+                runs = [_run_case("ttft", flags, model=args.model, dtype=dtypes[0], prompt=16, cache_dir=cache,
+                                  via=via, new=args.new_tokens) for _ in range(2)]
+            runs[0]["compilation_cache"], runs[1]["compilation_cache"] = "empty (cold)", "filled by the first run"
+            rows += runs
+        cols = ["case", "via", "model", "dtype", "prompt", "compilation_cache", "first_token_s", "last_token_s",
+                "error"]
     elif args.table == "tensor-parallel":
         rows = [_run_case("decode", flags, model=args.model, dtype=dtypes[0], batch=1, prompt=16,
                           new=args.new_tokens, repeats=args.repeats, mesh=f"tensor={n}", vocab=args.vocab,

@@ -146,8 +146,14 @@ def _decode(
     stop_ids: tuple[int, ...],
     chunk: int,
     to_end: bool,
-) -> State:
-    """One chunk of `chunk` steps; with `to_end`, every step left until each row is done.
+) -> tuple[State, State]:
+    """One chunk of `chunk` steps, or with `to_end` every step left until each row is done.
+
+    Returns the new state and copies of what the host reads from it (tokens,
+    lengths, step, done flags): the state is donated to the next call, so a
+    stream reads the copies while that call runs. Made here, they cost no
+    program of their own, which every process would compile again (too
+    quick to compile for the persistent cache to keep).
 
     A row is done at a stop token or at its own limit (`state["limits"]`),
     which the state carries: how many steps that takes is no part of the
@@ -169,25 +175,17 @@ def _decode(
     def run_chunk(st: State) -> State:
         return jax.lax.fori_loop(0, chunk, step, st)
 
-    if not to_end:
-        return run_chunk(state)
-    state = jax.lax.while_loop(lambda st: _most_due(st) >= chunk, run_chunk, state)
-    return jax.lax.while_loop(lambda st: ~jnp.all(st["done"]), functools.partial(step, 0), state)
+    if to_end:
+        state = jax.lax.while_loop(lambda st: _most_due(st) >= chunk, run_chunk, state)
+        state = jax.lax.while_loop(lambda st: ~jnp.all(st["done"]), functools.partial(step, 0), state)
+    else:
+        state = run_chunk(state)
+    return state, {k: jnp.copy(state[k]) for k in ("out", "lengths", "step", "done")}
 
 
 def _most_due(state: State) -> jax.Array:
     """The most tokens a row still going may yet emit."""
     return jnp.max(jnp.where(state["done"], 0, state["limits"] - state["lengths"]))
-
-
-@jax.jit
-def _progress(state: State) -> State:
-    """Copies of the state's tokens, lengths, step and done flags.
-
-    The state itself is donated to the next chunk, so a stream reads these
-    copies while that chunk runs.
-    """
-    return {k: jnp.copy(state[k]) for k in ("out", "lengths", "step", "done")}
 
 
 def _row_seeds(seed: int | Sequence[int], batch: int) -> np.ndarray:
@@ -239,14 +237,14 @@ class _Run:
             out_width=room, mesh=mesh, rules=tuple(rules),
         )
 
-    def decode(self, to_end: bool) -> None:
-        """One compiled chunk of steps, or with `to_end` every step left, on the device (see `_decode`)."""
-        self.state = _decode(self.config, self.params, self.state, sampler=self.sampler, stop_ids=self.stop_ids,
-                             chunk=self.chunk, to_end=to_end)
+    def decode(self, to_end: bool) -> State:
+        """One compiled chunk of steps, or with `to_end` every step left, on the device (see `_decode`).
 
-    def progress(self) -> State:
-        """Device copies of what the host reads (tokens, lengths, step, done), taken now: see `_progress`."""
-        return _progress(self.state)
+        Returns copies of the new state's tokens, lengths, step and done flags.
+        """
+        self.state, progress = _decode(self.config, self.params, self.state, sampler=self.sampler,
+                                       stop_ids=self.stop_ids, chunk=self.chunk, to_end=to_end)
+        return progress
 
     def finished(self, progress: State | None = None) -> bool:
         progress = self.state if progress is None else progress
@@ -311,8 +309,10 @@ def stream(config: PanguConfig, params: Params, prompts: Sequence[Sequence[int]]
     (empty once a row is done); joined, they equal `generate`'s result for
     the same arguments. `options` as for `start`.
 
-    Each chunk is dispatched before the previous one's tokens are read, so
-    the device never waits for the host (or the caller) between chunks.
+    The prefill's token is handed out before any decode program is compiled
+    or loaded, so a fresh process shows it that much sooner. After it, each
+    chunk is dispatched before the previous one's tokens are read, so the
+    device never waits for the host (or the caller) between chunks.
     The last chunk runs whole, and when every row stops early, the chunk
     already dispatched still runs (their tokens are not handed out): single
     steps at the end would need the program `generate` runs, whose compile
@@ -320,15 +320,22 @@ def stream(config: PanguConfig, params: Params, prompts: Sequence[Sequence[int]]
     """
     run = start(config, params, prompts, max_new_tokens, **options)
     given = [0] * run.rows
-    progress, steps = run.progress(), int(run.state["step"])
-    while True:
-        upcoming = None
-        if steps < run.steps:
-            run.decode(to_end=False)
-            upcoming, steps = run.progress(), steps + run.chunk
+
+    def news(progress: State | None = None) -> list[list[int]]:
         tokens = run.tokens(progress)
-        yield [row[n:] for row, n in zip(tokens, given)]
-        given = [len(row) for row in tokens]
-        if upcoming is None or run.finished(progress):
-            return
-        progress = upcoming
+        new = [row[n:] for row, n in zip(tokens, given)]
+        given[:] = [len(row) for row in tokens]
+        return new
+
+    yield news()
+    if run.finished():
+        return
+    pending, steps = None, int(run.state["step"])
+    while steps < run.steps:
+        upcoming, steps = run.decode(to_end=False), steps + run.chunk
+        if pending is not None:
+            yield news(pending)
+            if run.finished(pending):
+                return
+        pending = upcoming
+    yield news(pending)

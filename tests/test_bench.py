@@ -28,6 +28,23 @@ def test_decode_table_writes_its_rows(tmp_path, capsys):
     assert memory["weights_MiB"] > 0 and memory["prefill_temp_MiB"] > 0 and "decode_temp_MiB" in memory
 
 
+def test_ttft_table_times_generate_and_stream_cold_then_cached(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    bench.main(["ttft", "--model", "tiny", "--dtypes", "float32", "--new-tokens", "20", "--json", str(out)])
+    assert "| ttft | stream | tiny | float32 |" in capsys.readouterr().out
+    (record,) = json.loads(out.read_text())
+    rows = record["rows"]
+    assert [(r["via"], r["compilation_cache"]) for r in rows] == [
+        (via, cache) for via in ("generate", "stream") for cache in ("empty (cold)", "filled by the first run")]
+    assert all(r["first_token_s"] > 0 for r in rows), rows
+    assert all(r["last_token_s"] >= r["first_token_s"] and r["new"] == 20 for r in rows[2:]), rows
+
+
+def test_ttft_table_names_an_unknown_via():
+    with pytest.raises(SystemExit, match="--via: 'generate,strem'; give generate and/or stream"):
+        bench.main(["ttft", "--model", "tiny", "--via", "generate,strem"])
+
+
 def test_profile_kernels_counts_per_step_and_reads_the_trace():
     f = jax.jit(lambda x: jnp.sin(x) @ x)
     x = jnp.ones((64, 64))

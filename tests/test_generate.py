@@ -165,10 +165,17 @@ def test_streaming_dispatches_each_chunk_before_handing_out_the_last(tiny_fp32, 
     monkeypatch.setattr(gen._Run, "decode", lambda run, to_end: (events.append("decode"), decode(run, to_end))[1])
     for _ in gen.stream(config, params, [GREEDY[0]["prompt"]], 40, temperature=0, stop_ids=()):
         events.append("yield")
-    # The device works on the next chunk while the caller holds the tokens
-    # of the last one; nothing is dispatched after the last chunk.
-    assert events == ["decode", "yield"] * (events.count("yield") - 1) + ["yield"]
-    assert events.count("decode") > 1
+    # The prefill's token is handed out before a decode program is needed;
+    # after it the device works on the next chunk while the caller holds the
+    # tokens of the last one, and nothing is dispatched after the last chunk.
+    decodes = events.count("decode")
+    assert events == ["yield", "decode"] + ["decode", "yield"] * (decodes - 1) + ["yield"]
+    assert decodes > 1
+    # One new token is the prefill's: no decode at all.
+    events.clear()
+    for _ in gen.stream(config, params, [GREEDY[0]["prompt"]], 1, temperature=0, stop_ids=()):
+        events.append("yield")
+    assert events == ["yield"]
 
 
 @pytest.mark.parametrize("counts", [(20, 30), (2, 5, 9, 16)])  # room for 64 new tokens; for 32
