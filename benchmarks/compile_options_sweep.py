@@ -21,6 +21,10 @@ Measured on an H100 (2026-11-28, 2.6B bf16, first decode chunk after a
 16-token prompt; `benchmarks/results/2026-11-28-h100-decode-split-attention-xla-options.json`):
 no option beat the default by more than run-to-run noise; exhaustive tiling
 3.14 against 3.19-3.23 ms a step at batch 32 (compiling 128 s against 4.6).
+On an H200 (2026-12-01, 2.6B bf16, batch 1;
+`benchmarks/results/2026-12-01-h200-down-parts-added.json`): programmatic
+dependent launch is on by default (`no_pdl` 2.11 against 2.07 ms a step),
+and CUDA graphs for every kernel run, loops unrolled or not, 2.07-2.08.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
+_ALL_COMMANDS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
 # name -> the XLA options of that compilation; "{cache}" stands for --autotune-cache.
 VARIANTS = {
     "default": {},
@@ -48,6 +53,17 @@ VARIANTS = {
     "command_buffers_while": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE"},
     "collectives_early": {"xla_gpu_experimental_collective_start_as_early_as_possible": True},
     "nccl_symmetric_buffers": {"xla_gpu_experimental_enable_nccl_symmetric_buffers": True},
+    # Programmatic dependent launch (Hopper): a kernel starts while the one
+    # before it drains, and waits for its results in the kernel.
+    "pdl": {"xla_gpu_enable_pdl": True},
+    "no_pdl": {"xla_gpu_enable_pdl": False},
+    # Every run of kernels a CUDA graph, loops included: as graph nodes, or
+    # unrolled into the graph (a chunk's 16 steps one graph).
+    "graphs_everywhere": {"xla_gpu_enable_command_buffer": _ALL_COMMANDS, "xla_gpu_graph_min_graph_size": 1},
+    "graphs_unrolled": {"xla_gpu_enable_command_buffer": _ALL_COMMANDS, "xla_gpu_graph_min_graph_size": 1,
+                        "xla_gpu_command_buffer_unroll_loops": True},
+    "graphs_unrolled_pdl": {"xla_gpu_enable_command_buffer": _ALL_COMMANDS, "xla_gpu_graph_min_graph_size": 1,
+                            "xla_gpu_command_buffer_unroll_loops": True, "xla_gpu_enable_pdl": True},
 }
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Any
 
 import flax
@@ -131,6 +132,9 @@ def _reduction_dot(x: jax.Array, w: jax.Array, rows_ndim: int, outputs_ndim: int
     apart and then together: rows as long as they are many read fastest
     (H200, 13B int8 [5120, 20480]: 49 -> 35 us, 5.57 -> 4.94 ms/token). The
     optimization barrier keeps XLA from merging the two sums back into one.
+    The parts' sums are added elementwise, which XLA fuses into the kernels
+    that read the result; as a sum they were a kernel of their own (2.6B
+    bfloat16 on an H200: 1.96 -> 1.88 ms/token).
     """
     size = math.prod(w.shape[outputs_ndim:])
     outputs = w.size // size
@@ -139,7 +143,8 @@ def _reduction_dot(x: jax.Array, w: jax.Array, rows_ndim: int, outputs_ndim: int
                 * w.reshape(outputs, parts, size // parts).astype(jnp.float32), axis=3)
     if parts > 1:
         y = lax.optimization_barrier(y)
-    return jnp.sum(y, axis=2).reshape(x.shape[:rows_ndim] + w.shape[:outputs_ndim])
+    y = functools.reduce(operator.add, (y[..., part] for part in range(parts)))
+    return y.reshape(x.shape[:rows_ndim] + w.shape[:outputs_ndim])
 
 
 def _matmul_precision(config: PanguConfig):
