@@ -230,8 +230,10 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
 
     Also, as `stream_ms_per_token`, the same through `stream`, which hands
     the tokens to the host after each compiled chunk: from its first token
-    (the prefill's) in the caller's hands to its last. The prefill (first
-    token) is timed apart, as the median of whole prefill calls.
+    (the prefill's) in the caller's hands to its last; and between the two,
+    as `chunks_ms_per_token`, the stream's chunk programs run back to back
+    with no reads between them. The prefill (first token) is timed apart,
+    as the median of whole prefill calls.
     """
     import jax
     import numpy as np
@@ -249,24 +251,27 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
     def start():
         return start_generation(config, params, prompts, new + 1, **options)
 
-    def loop():
+    def on_device(to_end: bool):
+        """generate's decode program (`to_end`), or the stream's chunk programs back to back with no reads."""
         run = start()
         jax.block_until_ready(run.state)
         begin, steps_before = time.perf_counter(), int(run.state["step"])
-        run.decode(to_end=True)
-        return time.perf_counter() - begin, int(jax.block_until_ready(run.state)["step"]) - steps_before
+        for _ in range(1 if to_end else -(-new // run.chunk)):
+            run.decode(to_end=to_end)
+        steps = int(jax.block_until_ready(run.state)["step"]) - steps_before  # before the clock is read
+        return time.perf_counter() - begin, steps
 
     def streamed():  # from the first token in the caller's hands (the prefill's) to the last
-        chunks = stream(config, params, prompts, new + 1, **options)
-        next(chunks)
+        handed_out = stream(config, params, prompts, new + 1, **options)
+        next(handed_out)
         begin = time.perf_counter()
-        steps = sum(len(chunk[0]) for chunk in chunks)
+        steps = sum(len(chunk[0]) for chunk in handed_out)
         return time.perf_counter() - begin, steps
 
     first = _median_time(lambda: jax.block_until_ready(start().state), repeats)
-    per_token, stream_per_token = (
+    per_token, chunks_per_token, stream_per_token = (
         statistics.median(seconds / steps for seconds, steps in [timed() for _ in range(repeats + 1)][1:])
-        for timed in (loop, streamed))  # the first run of each compiles
+        for timed in (lambda: on_device(True), lambda: on_device(False), streamed))  # the first run of each compiles
     devices = 1 if mesh is None else make_mesh(mesh).size
     weight_bytes = _tree_bytes(params)
     cache_bytes = _tree_bytes(jax.eval_shape(lambda: init_cache(config, batch, prompt + new)))
@@ -275,7 +280,8 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
         "case": "decode", "model": model, "dtype": dtype, "weights": weights, "batch": batch, "prompt": prompt,
         "layout": layout, "mesh": mesh or "", "vocab": vocab, "attention": attention,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "ms_per_token": per_token * 1e3, "tokens_per_s": batch / per_token,
-        "stream_ms_per_token": stream_per_token * 1e3, "limit_ms": limit * 1e3,
+        "chunks_ms_per_token": chunks_per_token * 1e3, "stream_ms_per_token": stream_per_token * 1e3,
+        "limit_ms": limit * 1e3,
         "ratio_to_limit": limit / per_token, "first_token_ms": first * 1e3, "weight_bytes": weight_bytes,
         "cache_bytes": cache_bytes, **{f"{k}_bandwidth_GBps": v / 1e9 for k, v in bandwidth.items()},
         "peak_MiB": _peak_bytes() / 2**20,
@@ -530,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += [_run_case("memory", flags, model=args.model, dtype=d, weights=w)
                  for w in args.weights.split(",") for d in memory_dtypes]
         cols = ["case", "model", "dtype", "weights", "layout", "attention", "batch", "prompt", "ms_per_token",
-                "stream_ms_per_token", "tokens_per_s", "limit_ms", "ratio_to_limit", "copy_bandwidth_GBps",
+                "chunks_ms_per_token", "stream_ms_per_token", "tokens_per_s", "limit_ms", "ratio_to_limit", "copy_bandwidth_GBps",
                 "xla_copy_bandwidth_GBps", "read_bandwidth_GBps", "torch_copy_bandwidth_GBps", "peak_MiB",
                 "peak_after_prefill_MiB", "prefill_temp_MiB", "decode_temp_MiB", "original_MiB", "error"]
     elif args.table == "profile":
