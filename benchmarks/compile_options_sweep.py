@@ -48,6 +48,7 @@ VARIANTS = {
     "all_fusions_triton": {"xla_gpu_experimental_all_fusions_with_triton": True},
     "triton_multi_output": {"xla_gpu_unsupported_enable_triton_multi_output_fusion": True},
     "heroless_priority_fusion": {"xla_gpu_experimental_enable_triton_heroless_priority_fusion": True},
+    "block_level_rewriter": {"xla_gpu_experimental_enable_fusion_block_level_rewriter": True},
     "tiling_propagation": {"xla_gpu_experimental_enable_tiling_propagation": True},
     "no_triton_gemm": {"xla_gpu_enable_triton_gemm": False},
     "command_buffers_while": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE"},
@@ -59,6 +60,10 @@ VARIANTS = {
     "no_pdl": {"xla_gpu_enable_pdl": False},
     # Every run of kernels a CUDA graph, loops included: as graph nodes, or
     # unrolled into the graph (a chunk's 16 steps one graph).
+    # No CUDA graphs at all: every kernel launched by the host as it goes.
+    "no_graphs": {"xla_gpu_enable_command_buffer": ""},
+    # The default graphs, and loops as graph nodes whose condition the device reads.
+    "graphs_loops": {"xla_gpu_enable_command_buffer": _ALL_COMMANDS},
     "graphs_everywhere": {"xla_gpu_enable_command_buffer": _ALL_COMMANDS, "xla_gpu_graph_min_graph_size": 1},
     "graphs_unrolled": {"xla_gpu_enable_command_buffer": _ALL_COMMANDS, "xla_gpu_graph_min_graph_size": 1,
                         "xla_gpu_command_buffer_unroll_loops": True},

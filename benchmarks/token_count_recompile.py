@@ -32,8 +32,7 @@ from pangu_jax.model import init_params, unstack_layers  # noqa: E402
 def generate_steps(config, params, count: int) -> tuple[list[int], int]:
     """generate()'s new tokens for one prompt, and the steps its decode ran on the device."""
     run = start(config, params, [[11, 12, 13, 14, 15]], count, temperature=0, stop_ids=())
-    if not run.finished():
-        run.decode(to_end=True)
+    run.finish()
     return run.tokens()[0], int(run.state["step"])
 
 

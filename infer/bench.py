@@ -233,11 +233,16 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
     (the prefill's) in the caller's hands to its last; and between the two,
     as `chunks_ms_per_token`, the stream's chunk programs run back to back
     with no reads between them. The prefill (first token) is timed apart,
-    as the median of whole prefill calls.
+    as the median of whole prefill calls. `call_ms` and `stream_call_ms`
+    are whole `generate` and `stream` calls, prefill to last token: what a
+    caller waits for (for a count that is no whole number of chunks after
+    the prefill's token, a stream whose last chunk ran whole shows it there);
+    `stream_equals_generate` whether their tokens are the same.
     """
     import jax
     import numpy as np
 
+    from pangu_jax.generate import generate
     from pangu_jax.generate import start as start_generation
     from pangu_jax.generate import stream
     from pangu_jax.model import init_cache
@@ -269,6 +274,10 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
         return time.perf_counter() - begin, steps
 
     first = _median_time(lambda: jax.block_until_ready(start().state), repeats)
+    call = _median_time(lambda: generate(config, params, prompts, new + 1, **options), repeats)
+    stream_call = _median_time(lambda: list(stream(config, params, prompts, new + 1, **options)), repeats)
+    chunks = list(stream(config, params, prompts, new + 1, **options))
+    streamed_tokens = [sum((chunk[row] for chunk in chunks), []) for row in range(batch)]
     per_token, chunks_per_token, stream_per_token = (
         statistics.median(seconds / steps for seconds, steps in [timed() for _ in range(repeats + 1)][1:])
         for timed in (lambda: on_device(True), lambda: on_device(False), streamed))  # the first run of each compiles
@@ -282,7 +291,10 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "ms_per_token": per_token * 1e3, "tokens_per_s": batch / per_token,
         "chunks_ms_per_token": chunks_per_token * 1e3, "stream_ms_per_token": stream_per_token * 1e3,
         "limit_ms": limit * 1e3,
-        "ratio_to_limit": limit / per_token, "first_token_ms": first * 1e3, "weight_bytes": weight_bytes,
+        "ratio_to_limit": limit / per_token, "first_token_ms": first * 1e3, "call_ms": call * 1e3,
+        "stream_call_ms": stream_call * 1e3,
+        "stream_equals_generate": streamed_tokens == generate(config, params, prompts, new + 1, **options),
+        "weight_bytes": weight_bytes,
         "cache_bytes": cache_bytes, **{f"{k}_bandwidth_GBps": v / 1e9 for k, v in bandwidth.items()},
         "peak_MiB": _peak_bytes() / 2**20,
     }
@@ -536,7 +548,9 @@ def main(argv: list[str] | None = None) -> None:
         rows += [_run_case("memory", flags, model=args.model, dtype=d, weights=w)
                  for w in args.weights.split(",") for d in memory_dtypes]
         cols = ["case", "model", "dtype", "weights", "layout", "attention", "batch", "prompt", "ms_per_token",
-                "chunks_ms_per_token", "stream_ms_per_token", "tokens_per_s", "limit_ms", "ratio_to_limit", "copy_bandwidth_GBps",
+                "chunks_ms_per_token", "stream_ms_per_token", "first_token_ms", "call_ms", "stream_call_ms",
+                "stream_equals_generate", "tokens_per_s", "limit_ms",
+                "ratio_to_limit", "copy_bandwidth_GBps",
                 "xla_copy_bandwidth_GBps", "read_bandwidth_GBps", "torch_copy_bandwidth_GBps", "peak_MiB",
                 "peak_after_prefill_MiB", "prefill_temp_MiB", "decode_temp_MiB", "original_MiB", "error"]
     elif args.table == "profile":

@@ -7,12 +7,13 @@ for new tokens is bucketed too, and each row's limit is data, so other
 prompt lengths and token counts in the same buckets reuse the compiled
 programs.
 
-The decode runs on the device in chunks of `CHUNK` steps, each a loop of
-fixed trip count, so the host enqueues a chunk's kernels without waiting for
-the GPU. `generate` runs chunks while some row has a chunk's worth of tokens
-due, then single steps until every row is done, all in one program, so no
-step runs past the rows' limits; `stream` hands out each chunk's new tokens
-while the next chunk runs. The state (tokens so far, cache, flags, per-row
+The decode runs on the device in chunks of `CHUNK` steps, loops the host
+enqueues without waiting for the GPU. `generate` runs chunks of fixed trip
+count while some row has a chunk's worth of tokens due, then single steps
+until every row is done, all in one program, so no step runs past the rows'
+limits; `stream` hands out each chunk's new tokens while the next chunk
+runs, its chunks (on one device) loops whose condition the GPU reads, which
+stop when every row is done. The state (tokens so far, cache, flags, per-row
 PRNG keys) is donated from call to call, so the cache is updated in place.
 """
 
@@ -147,7 +148,7 @@ def _decode(
     chunk: int,
     to_end: bool,
 ) -> tuple[State, State]:
-    """One chunk of `chunk` steps, or with `to_end` every step left until each row is done.
+    """One chunk of `chunk` steps (a stream's on a mesh), or with `to_end` every step left until each row is done.
 
     Returns the new state and copies of what the host reads from it (tokens,
     lengths, step, done flags): the state is donated to the next call, so a
@@ -167,20 +168,61 @@ def _decode(
     1.96-1.99 ms/token. The program holds the step twice, so compiles longer
     (2.6B: 4-5 s more).
     """
-
-    def step(_, st: State) -> State:
-        logits, cache = forward(config, params, st["last"][:, None], cache=st["cache"])
-        return _emit({**st, "cache": cache}, logits[:, -1], sampler, stop_ids)
+    step = functools.partial(_step, config, params, sampler, stop_ids)
 
     def run_chunk(st: State) -> State:
-        return jax.lax.fori_loop(0, chunk, step, st)
+        return jax.lax.fori_loop(0, chunk, lambda _, s: step(s), st)
 
     if to_end:
         state = jax.lax.while_loop(lambda st: _most_due(st) >= chunk, run_chunk, state)
-        state = jax.lax.while_loop(lambda st: ~jnp.all(st["done"]), functools.partial(step, 0), state)
+        state = jax.lax.while_loop(lambda st: ~jnp.all(st["done"]), step, state)
     else:
         state = run_chunk(state)
-    return state, {k: jnp.copy(state[k]) for k in ("out", "lengths", "step", "done")}
+    return state, _progress_copies(state)
+
+
+def _step(config: PanguConfig, params: Params, sampler: Sampler, stop_ids: tuple[int, ...], state: State) -> State:
+    """One decode step: every row's next token."""
+    logits, cache = forward(config, params, state["last"][:, None], cache=state["cache"])
+    return _emit({**state, "cache": cache}, logits[:, -1], sampler, stop_ids)
+
+
+def _progress_copies(state: State) -> State:
+    return {k: jnp.copy(state[k]) for k in ("out", "lengths", "step", "done")}
+
+
+# Loops as CUDA graph nodes whose condition the GPU reads (conditional
+# nodes), besides XLA's default graphs of kernels.
+_GRAPHS_WITH_LOOPS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"}
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "sampler", "stop_ids", "chunk"), donate_argnames="state",
+    compiler_options=_GRAPHS_WITH_LOOPS,
+)
+def _decode_until_done(
+    config: PanguConfig,
+    params: Params,
+    state: State,
+    *,
+    sampler: Sampler,
+    stop_ids: tuple[int, ...],
+    chunk: int,
+) -> tuple[State, State]:
+    """A stream's chunk on one device: single steps until every row is done, at most `chunk` of them.
+
+    Returns what `_decode` returns. Compiled with loops as CUDA graph
+    conditional nodes, the loop's condition is read by the GPU, not the
+    host, so the call returns as soon as the steps are enqueued, as a
+    fixed chunk's does, and the last chunk of a stream runs only the steps
+    left (2.6B on an H200, 50 new tokens: 49 steps, not 64). On a mesh the
+    steps' all-reduces keep the loop out of CUDA graphs, and the host
+    would wait for each step: there a stream runs `_decode`'s fixed chunks.
+    """
+    start = state["step"]
+    step = functools.partial(_step, config, params, sampler, stop_ids)
+    state = jax.lax.while_loop(lambda st: (st["step"] - start < chunk) & ~jnp.all(st["done"]), step, state)
+    return state, _progress_copies(state)
 
 
 def _most_due(state: State) -> jax.Array:
@@ -227,7 +269,7 @@ class _Run:
         inputs = [jax.device_put(x, None if mesh is None else
                                  logical_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), rules))
                   for x in inputs]
-        self.config, self.params, self.sampler = config, params, sampler
+        self.config, self.params, self.sampler, self.mesh = config, params, sampler, mesh
         self.stop_ids = tuple(int(s) for s in stop_ids)
         # Room for the new tokens (and a streamed last chunk's overshoot) in a
         # bucket, so that other token counts in the same bucket reuse the programs.
@@ -238,13 +280,29 @@ class _Run:
         )
 
     def decode(self, to_end: bool) -> State:
-        """One compiled chunk of steps, or with `to_end` every step left, on the device (see `_decode`).
+        """One chunk of steps (see `_decode_until_done`), or with `to_end` every step left, on the device.
 
         Returns copies of the new state's tokens, lengths, step and done flags.
         """
-        self.state, progress = _decode(self.config, self.params, self.state, sampler=self.sampler,
-                                       stop_ids=self.stop_ids, chunk=self.chunk, to_end=to_end)
+        options = dict(sampler=self.sampler, stop_ids=self.stop_ids, chunk=self.chunk)
+        if to_end or self.mesh is not None:
+            self.state, progress = _decode(self.config, self.params, self.state, to_end=to_end, **options)
+        else:
+            self.state, progress = _decode_until_done(self.config, self.params, self.state, **options)
         return progress
+
+    def finish(self) -> None:
+        """Decode every step left, on the device, until each row is done.
+
+        Whether a row stopped at the prefill's token is left to the device:
+        reading it here first would leave the device idle while the decode
+        program is handed to it, which this way overlaps the prefill (2.6B
+        on an H200, a whole call for 65 tokens: 126-128 -> 123-124 ms).
+        Only a run with no step left by count (one new token) dispatches
+        nothing.
+        """
+        if self.steps > 1:
+            self.decode(to_end=True)
 
     def finished(self, progress: State | None = None) -> bool:
         progress = self.state if progress is None else progress
@@ -296,8 +354,7 @@ def generate(config: PanguConfig, params: Params, prompts: Sequence[Sequence[int
     stop_ids, rules.
     """
     run = start(config, params, prompts, max_new_tokens, **options)
-    if not run.finished():
-        run.decode(to_end=True)
+    run.finish()
     return run.tokens()
 
 
@@ -313,10 +370,12 @@ def stream(config: PanguConfig, params: Params, prompts: Sequence[Sequence[int]]
     or loaded, so a fresh process shows it that much sooner. After it, each
     chunk is dispatched before the previous one's tokens are read, so the
     device never waits for the host (or the caller) between chunks.
-    The last chunk runs whole, and when every row stops early, the chunk
-    already dispatched still runs (their tokens are not handed out): single
-    steps at the end would need the program `generate` runs, whose compile
-    would stall a stream at its end when `generate` has not run before.
+    On one device a chunk stops when every row is done, so the last runs
+    only the steps left, and one dispatched after every row stopped runs
+    none. On a mesh, chunks have a fixed number of steps (see
+    `_decode_until_done`): there the last runs whole, and when every row
+    stops early, the chunk already dispatched still runs (its tokens are not
+    handed out).
     """
     run = start(config, params, prompts, max_new_tokens, **options)
     given = [0] * run.rows

@@ -20,7 +20,8 @@ def test_decode_table_writes_its_rows(tmp_path, capsys):
     decode, memory = record["rows"]
     assert "error" not in decode and "error" not in memory, record["rows"]
     assert decode["ms_per_token"] > 0 and decode["stream_ms_per_token"] > 0 and decode["vocab"] == "replicated"
-    assert decode["chunks_ms_per_token"] > 0
+    assert decode["chunks_ms_per_token"] > 0 and decode["call_ms"] > 0 and decode["stream_call_ms"] > 0
+    assert decode["stream_equals_generate"] is True
     # The limit comes from the best of the bandwidths measured in the run.
     best = max(decode[f"{k}_bandwidth_GBps"] for k in ("copy", "xla_copy", "read")) * 1e9
     assert decode["best_bandwidth_GBps"] * 1e9 == pytest.approx(best)

@@ -90,4 +90,6 @@ def test_a_fresh_process_compiles_only_the_prefill_and_decode_programs():
     done = subprocess.run([sys.executable, "-c", _COMPILED], env={**os.environ, "JAX_PLATFORMS": "cpu"},
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split("\n")[:2] == ["['jit(_prefill)']", "['jit(_decode)', 'jit(_prefill)']"]
+    # The stream's chunk program, then generate's.
+    assert done.stdout.split("\n")[:2] == ["['jit(_prefill)']",
+                                           "['jit(_decode)', 'jit(_decode_until_done)', 'jit(_prefill)']"]

@@ -157,6 +157,41 @@ def test_decoding_runs_no_step_past_the_rows_limits(tiny_fp32, counts, steps):
     assert [len(row) for row in run.tokens()] == list(counts)
 
 
+@pytest.mark.parametrize("counts, first", [((5,), 5), ((20, 3), 1 + 16)])
+def test_a_stream_chunk_stops_when_every_row_is_done(tiny_fp32, counts, first):
+    """After the prefill's token, a chunk runs at most CHUNK steps and stops when every row is done (the
+    step counter reads `first` after one chunk): the last runs only the steps left, a chunk after it none."""
+    from pangu_jax.generate import CHUNK, start
+
+    config, params = tiny_fp32
+    near_end = [5] * (config.max_positions - counts[-1])  # room for counts[-1] new tokens only
+    prompts = [[5, 6, 7], near_end][: len(counts)]
+    run = start(config, params, prompts, counts[0], temperature=0, stop_ids=())
+    steps = []
+    for _ in range(3):
+        run.decode(to_end=False)
+        steps.append(int(run.state["step"]))
+    assert CHUNK == 16 and steps == [first, max(counts), max(counts)]
+    assert run.tokens() == generate(config, params, prompts, counts[0], temperature=0, stop_ids=())
+
+
+def test_generate_hands_the_decode_to_the_device_without_reading_the_prefill_first(tiny_fp32, monkeypatch):
+    gen = importlib.import_module("pangu_jax.generate")
+    config, params = tiny_fp32
+    events = []
+    decode, finished = gen._Run.decode, gen._Run.finished
+    monkeypatch.setattr(gen._Run, "decode", lambda run, to_end: (events.append("decode"), decode(run, to_end))[1])
+    monkeypatch.setattr(gen._Run, "finished", lambda run, *a: (events.append("read"), finished(run, *a))[1])
+    prompt = [GREEDY[0]["prompt"]]
+    assert generate(config, params, prompt, 6, temperature=0, stop_ids=())[0] == GREEDY[0]["new_tokens"][:6]
+    assert events == ["decode"]
+    events.clear()  # one new token, the prefill's: nothing to decode
+    assert generate(config, params, prompt, 1, temperature=0, stop_ids=())[0] == GREEDY[0]["new_tokens"][:1]
+    assert events == []
+    # Every row stopped at the prefill's token: the device finds nothing to do.
+    assert generate(config, params, prompt, 6, temperature=0, stop_ids=(GREEDY[0]["new_tokens"][0],)) == [[]]
+
+
 def test_streaming_dispatches_each_chunk_before_handing_out_the_last(tiny_fp32, monkeypatch):
     gen = importlib.import_module("pangu_jax.generate")  # the module, not the function of that name
     config, params = tiny_fp32
@@ -194,8 +229,8 @@ def test_another_token_count_in_the_same_bucket_reuses_the_compiled_programs(tin
         return sum((chunk[0] for chunk in gen.stream(config, params, prompt, count, temperature=0, stop_ids=())), [])
 
     assert joined(counts[0]) == first[0]
-    streaming = gen._decode._cache_size()  # and stream's chunk (if no earlier test compiled it)
-    assert joined(counts[1]) == more[0][:counts[1]] and gen._decode._cache_size() == streaming
+    streaming = gen._decode_until_done._cache_size()  # the stream's chunk (if no earlier test compiled it)
+    assert joined(counts[1]) == more[0][:counts[1]] and gen._decode_until_done._cache_size() == streaming
 
 
 def test_repetition_penalty_must_be_positive():
