@@ -120,13 +120,34 @@ def kernel_family(name: str) -> str:
     return re.sub(r"[_.]\d+(?=[_.]|$)", "", name)
 
 
+def idle_before(events: list[tuple[float, float, str]]) -> tuple[dict, dict]:
+    """The time no kernel ran, by the family of the kernel that ended each wait: ({family: ns}, {family: waits}).
+
+    `events` are (start, end, name) in ns; kernels that overlap (launched
+    early, programmatic dependent launch) leave no wait between them.
+    """
+    from collections import defaultdict
+
+    times, counts = defaultdict(float), defaultdict(int)
+    running_until = None
+    for start, end, name in sorted(events):
+        if running_until is not None and start > running_until:
+            times[kernel_family(name)] += start - running_until
+            counts[kernel_family(name)] += 1
+        running_until = end if running_until is None else max(running_until, end)
+    return times, counts
+
+
 def profile_kernels(fn, steps: int, top: int = 25) -> dict:
     """Trace one call of `fn` (already compiled) and sum the GPU kernels it ran, per step.
 
     Returns the wall time per step, the summed kernel time per step (their
-    difference is the GPU waiting between kernels), the kernel count per step,
-    the `top` kernels by time, and every kernel family (`kernel_family`: the
-    80 differently numbered all-reduces of a step are one family) by time.
+    difference is the GPU waiting between kernels, less the overlap of
+    kernels launched early), the kernel count per step, the `top` kernels by
+    time, every kernel family (`kernel_family`: the 80 differently numbered
+    all-reduces of a step are one family) by time, and the time no kernel ran,
+    in all and by the family of the kernel that ended each wait
+    (`idle_before`).
     Reads the trace with `jax.profiler.ProfileData`.
     """
     import glob
@@ -143,7 +164,7 @@ def profile_kernels(fn, steps: int, top: int = 25) -> dict:
             wall = time.perf_counter() - start
         data = ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
     totals, counts = defaultdict(float), defaultdict(int)
-    first, last = float("inf"), 0.0
+    events = []
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU:0"):
             continue
@@ -153,8 +174,10 @@ def profile_kernels(fn, steps: int, top: int = 25) -> dict:
             for event in line.events:
                 totals[event.name] += event.duration_ns
                 counts[event.name] += 1
-                first, last = min(first, event.start_ns), max(last, event.start_ns + event.duration_ns)
+                events.append((event.start_ns, event.start_ns + event.duration_ns, event.name))
     busy = sum(totals.values())
+    first, last = (min(events)[0], max(end for _, end, _ in events)) if events else (0.0, 0.0)
+    idle_times, idle_counts = idle_before(events)
     family_totals, family_counts = defaultdict(float), defaultdict(int)
     for name in totals:
         family = kernel_family(name)
@@ -169,6 +192,8 @@ def profile_kernels(fn, steps: int, top: int = 25) -> dict:
         "wall_us_per_step": wall / steps * 1e6, "gpu_span_us_per_step": max(last - first, 0) / steps / 1e3,
         "kernel_us_per_step": busy / steps / 1e3, "kernels_per_step": sum(counts.values()) / steps,
         "top": ranking(totals, counts, top), "families": ranking(family_totals, family_counts),
+        "idle_us_per_step": sum(idle_times.values()) / steps / 1e3,
+        "idle_before": ranking(idle_times, idle_counts, 10),
     }
 
 
@@ -564,9 +589,11 @@ def main(argv: list[str] | None = None) -> None:
             _print_table(f"kernel families per token: {row.get('model')} {row.get('weights')} batch "
                          f"{row.get('batch')} attention {row.get('attention')}",
                          row.get("families", []), ["kernel", "calls_per_step", "us_per_step"])
+            _print_table(f"GPU idle per token, by the kernel that ended the wait: {row.get('model')} "
+                         f"{row.get('weights')} batch {row.get('batch')} attention {row.get('attention')}",
+                         row.get("idle_before", []), ["kernel", "calls_per_step", "us_per_step"])
         cols = ["case", "model", "dtype", "weights", "attention", "batch", "mesh", "wall_us_per_step",
-                "gpu_span_us_per_step",
-                "kernel_us_per_step", "kernels_per_step", "error"]
+                "gpu_span_us_per_step", "kernel_us_per_step", "idle_us_per_step", "kernels_per_step", "error"]
     elif args.table == "baselines":
         rows = [_run_case("recompute", flags, model=args.model, dtype="float16", repeats=args.repeats),
                 _run_case("hf", model=args.model, batch=1, new=args.new_tokens, repeats=3)]

@@ -56,6 +56,15 @@ def test_profile_kernels_counts_per_step_and_reads_the_trace():
     assert found["kernels_per_step"] == 0 and found["top"] == [] and found["families"] == []  # no GPU here
 
 
+def test_idle_before_sums_the_waits_by_the_kernel_that_ends_them():
+    events = [(0, 10, "fusion_1"), (8, 20, "fusion_2"),  # overlapping: no wait
+              (25, 30, "all_reduce_3_0_fusion_1"), (30, 31, "fusion_4"),  # 5 ns before the all-reduce
+              (40, 45, "all_reduce_7_0_fusion_1")]  # 9 more
+    times, counts = bench.idle_before(list(reversed(events)))
+    assert dict(times) == {"all_reduce_fusion": 14} and dict(counts) == {"all_reduce_fusion": 2}
+    assert bench.idle_before([]) == ({}, {})
+
+
 def test_kernel_families_drop_xla_numbering_only():
     assert bench.kernel_family("all_reduce_43_0_fusion_1") == "all_reduce_fusion"
     assert bench.kernel_family("all_reduce_80_fusion") == "all_reduce_fusion"
@@ -164,3 +173,27 @@ def test_token_count_recompile_reports_one_row_per_call(tmp_path):
     (record,) = json.loads(out.read_text())
     assert [(r["max_new_tokens"], r["new_tokens"], r["steps"]) for r in record["rows"]] == [(3, 3, 3), (20, 20, 20)]
     assert all(r["seconds"] > 0 and r["warm_seconds"] > 0 and r["decode_programs"] >= 1 for r in record["rows"])
+
+
+def test_layernorm_fold_micro_forms_compute_the_model_layernorm_and_product(tmp_path):
+    from benchmarks import layernorm_fold_micro as micro
+    from pangu_jax import PanguConfig
+    from pangu_jax.model import LayerNorm
+
+    c = PanguConfig.preset("tiny")
+    (scale, bias, w, product_bias, folded), = micro.make_layers(1, 3 * c.hidden_size, c.hidden_size, jnp.float32,
+                                                               jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (1, c.hidden_size)) + 0.5
+    normed = LayerNorm(c.layer_norm_epsilon).apply({"params": {"scale": scale, "bias": bias}}, x)
+    expected = normed @ w.T + product_bias
+    for form in ("ln_f32", "centered", "sigma"):
+        got = micro.layer(form, x, scale, bias, w, product_bias, folded, c.layer_norm_epsilon, jnp.float32)
+        assert jnp.allclose(got, expected, atol=1e-5), form
+    with pytest.raises(SystemExit, match="--forms: unknown form 'folded'"):
+        micro.main(["--model", "tiny", "--forms", "folded", "--repeats", "1"])
+
+    out = tmp_path / "fold.json"
+    micro.main(["--model", "tiny", "--dtype", "float32", "--repeats", "1", "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    assert [r["form"] for r in record["rows"]] == list(micro.FORMS)
+    assert all(r["us_per_layer"] > 0 and r["max_abs_diff_vs_ln_f32"] < 1e-4 for r in record["rows"])
