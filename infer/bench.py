@@ -583,15 +583,11 @@ def main(argv: list[str] | None = None) -> None:
                           weights=w, mesh=args.mesh, hlo_dir=args.dump_hlo, vocab=args.vocab, attention=a)
                 for w in args.weights.split(",") for b in batches for a in attentions]
         for row in rows:
-            _print_table(f"top kernels per token: {row.get('model')} {row.get('weights')} batch {row.get('batch')} "
-                         f"attention {row.get('attention')}",
-                         row.get("top", []), ["kernel", "calls_per_step", "us_per_step"])
-            _print_table(f"kernel families per token: {row.get('model')} {row.get('weights')} batch "
-                         f"{row.get('batch')} attention {row.get('attention')}",
-                         row.get("families", []), ["kernel", "calls_per_step", "us_per_step"])
-            _print_table(f"GPU idle per token, by the kernel that ended the wait: {row.get('model')} "
-                         f"{row.get('weights')} batch {row.get('batch')} attention {row.get('attention')}",
-                         row.get("idle_before", []), ["kernel", "calls_per_step", "us_per_step"])
+            for key, title in (("top", "top kernels per token"), ("families", "kernel families per token"),
+                               ("idle_before", "GPU idle per token, by the kernel that ended the wait")):
+                _print_table(f"{title}: {row.get('model')} {row.get('weights')} batch {row.get('batch')} "
+                             f"attention {row.get('attention')}",
+                             row.get(key, []), ["kernel", "calls_per_step", "us_per_step"])
         cols = ["case", "model", "dtype", "weights", "attention", "batch", "mesh", "wall_us_per_step",
                 "gpu_span_us_per_step", "kernel_us_per_step", "idle_us_per_step", "kernels_per_step", "error"]
     elif args.table == "baselines":

@@ -65,6 +65,18 @@ def test_idle_before_sums_the_waits_by_the_kernel_that_ends_them():
     assert bench.idle_before([]) == ({}, {})
 
 
+def test_profile_table_prints_kernels_families_and_idle(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    bench.main(["profile", "--model", "tiny", "--dtypes", "float32", "--batches", "1", "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    (row,) = record["rows"]
+    assert "error" not in row and row["wall_us_per_step"] > 0
+    assert row["idle_us_per_step"] == 0 and row["idle_before"] == []  # no GPU here
+    printed = capsys.readouterr().out
+    for title in ("top kernels per token", "kernel families per token", "GPU idle per token"):
+        assert f"## {title}" in printed
+
+
 def test_kernel_families_drop_xla_numbering_only():
     assert bench.kernel_family("all_reduce_43_0_fusion_1") == "all_reduce_fusion"
     assert bench.kernel_family("all_reduce_80_fusion") == "all_reduce_fusion"
