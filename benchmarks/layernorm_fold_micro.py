@@ -69,7 +69,7 @@ def layer(form: str, x, scale, bias, w, product_bias, folded_bias, eps, dtype):
     if form == "sigma":
         a = (x - mean) * scale + bias * jnp.sqrt(var)
         return _reduction_dot(a, w, 1, 1) * jax.lax.rsqrt(var) + product_bias
-    raise SystemExit(f"--forms: unknown form {form!r}; choose from {', '.join(FORMS)}")
+    raise ValueError(f"unknown form {form!r}")
 
 
 ROUNDS = 8  # the chain run this many times in one call, so that dispatch is not timed
@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    forms = args.forms.split(",")
+    unknown = [f for f in forms if f not in FORMS]
+    if unknown:
+        raise SystemExit(f"--forms: unknown form {unknown[0]!r}; choose from {', '.join(FORMS)}")
     c = PanguConfig.preset(args.model)
     dtype = jnp.dtype(args.dtype)
     embed = c.hidden_size
@@ -116,7 +120,6 @@ def main(argv: list[str] | None = None) -> None:
     count = args.layers or c.num_blocks
     layers = make_layers(count, outputs, embed, dtype, jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (1, embed), jnp.float32) + 0.5
-    forms = args.forms.split(",")
     reference = chain("ln_f32", c.layer_norm_epsilon, dtype)(x, layers)
     steps = ROUNDS * count
     rows = []
