@@ -3,25 +3,23 @@
     python infer/generate.py --model 2.6B --checkpoint PanguAlpha_2.6B_fp16.ckpt --prompt "四川的省会是?"
 
 With no --checkpoint it runs the tiny random model shipped in the package
-(its text is gibberish; it shows the pipeline works). With no --prompt it
-runs the seven demonstration prompts of the original; --interactive then
-reads prompts from standard input until EOF, printing each answer as it is
-generated. `--mesh tensor=4` spreads the model over four GPUs (tensor
-parallel); `--mesh data=2,tensor=2` also splits the batch.
+(its text is gibberish; it shows the pipeline works). With neither --prompt
+nor --interactive it runs the seven demonstration prompts of the original;
+--interactive reads prompts from standard input until EOF, printing each
+answer as it is generated (a line that cannot be answered gets an error and
+the next is read). `--mesh tensor=4` spreads the model over four GPUs
+(tensor parallel); `--mesh data=2,tensor=2` also splits the batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
+from collections.abc import Iterator
 
-from pangu_jax import Tokenizer, generate, load_checkpoint
-from pangu_jax.assets import EMBEDDED_CHECKPOINT, EMBEDDED_DESCRIPTION
-from pangu_jax.compilation_cache import enable_compilation_cache
 from pangu_jax.config import DTYPES, PRESETS
-from pangu_jax.generate import stream
-from pangu_jax.sharding import make_mesh
 
 DEMO_PROMPTS = [
     "上联：瑞风播福泽，事业具昌盛千家乐",
@@ -42,46 +40,69 @@ DEMO_PROMPTS = [
 ]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="MindSpore .ckpt file (default: the embedded tiny random model)")
+    p.add_argument("--checkpoint", help="a MindSpore .ckpt, HuggingFace GPTPangu folder, Megatron partitions, "
+                                        ".npy folder or orbax store (default: the embedded tiny random model)")
     p.add_argument("--model", choices=sorted(PRESETS), help="preset; inferred from the tensor shapes when omitted")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute and storage dtype (default: the file's)")
+    p.add_argument("--dtype", choices=DTYPES, help="compute and storage dtype (default: the checkpoint's)")
     p.add_argument("--int8", action="store_true", help="weight-only int8 matrices (13B fits a 24 GB card)")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: the 7 demo prompts)")
-    p.add_argument("--interactive", action="store_true", help="then read prompts from stdin until EOF")
-    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one a line, until EOF")
+    p.add_argument("--max-new-tokens", type=int, default=50,
+                   help="new tokens per prompt at most (default 50; prompt plus new tokens fit the 1024 positions)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=5, help="0 switches it off (the original samples from the top 5)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the best tokens whose probabilities sum to this (1 switches it off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 switches it off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (every prompt's draws depend on it)")
     p.add_argument("--stream", action="store_true", help="print each answer while it is generated, one prompt at a time")
     p.add_argument("--mesh", help="device mesh, e.g. 'tensor=4' or 'data=2,tensor=2' (default: one device)")
-    p.add_argument("--compilation-cache", help="directory of the persistent compilation cache (default: the user cache)")
+    p.add_argument("--compilation-cache", help="folder of the persistent compilation cache (default: the user cache)")
+    p.add_argument("--no-compilation-cache", action="store_true", help="compile every program anew, keep none")
     p.add_argument("--vocab", help="vocab.model (default: $PANGU_JAX_VOCAB, the cache, or a one-time download)")
     p.add_argument("--special-tokens", action="store_true", help="map literal <eot>, <sep>, ... in prompts to their ids")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parameter_count(n: int) -> str:
+    """1380000 -> "1.38M", 2625000000 -> "2.63B"."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def lines(stream) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, error) for each line of a binary stream, read as UTF-8 one line at a time."""
+    for number, raw in enumerate(stream, 1):
+        try:
+            yield number, raw.decode("utf-8").rstrip("\r\n"), None
+        except UnicodeDecodeError as e:
+            yield number, None, f"line {number} is not UTF-8 ({e.reason} at byte {e.start}); set the terminal to UTF-8"
+
+
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    from pangu_jax import Tokenizer, generate, load_checkpoint, stream
+    from pangu_jax.assets import EMBEDDED_CHECKPOINT, EMBEDDED_DESCRIPTION
+    from pangu_jax.compilation_cache import enable_compilation_cache
+    from pangu_jax.sharding import make_mesh
+
     path = args.checkpoint or EMBEDDED_CHECKPOINT
     if args.checkpoint is None:
         print(f"No --checkpoint given: using {EMBEDDED_DESCRIPTION}\n", file=sys.stderr)
-    try:
+    tokenizer = Tokenizer(args.vocab, special_tokens=args.special_tokens)
+    if not args.no_compilation_cache:
         enable_compilation_cache(args.compilation_cache)
-        mesh = make_mesh(args.mesh) if args.mesh else None
-        start = time.perf_counter()
-        config, params = load_checkpoint(path, args.model, dtype=args.dtype, mesh=mesh, unstacked=True,
-                                         int8=args.int8)
-        tokenizer = Tokenizer(args.vocab, special_tokens=args.special_tokens)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    start = time.perf_counter()
+    config, params = load_checkpoint(path, args.model, dtype=args.dtype, mesh=mesh, unstacked=True, int8=args.int8)
     placed = f" on a {dict(mesh.shape)} mesh" if mesh is not None else ""
     weights = ", int8 weights" if args.int8 else ""
-    print(f"Loaded {path} ({config.num_params() / 1e9:.2f}B parameters, {config.dtype}{weights}){placed} "
+    print(f"Loaded {path} ({parameter_count(config.num_params())} parameters, {config.dtype}{weights}){placed} "
           f"in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -93,32 +114,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Input is: {prompt}\nOutput is: {prompt}{tokenizer.decode(new)}\n", flush=True)
 
     def run_streaming(prompt: str) -> None:
+        chunks = stream(config, params, [tokenizer.encode(prompt)], args.max_new_tokens, **options)
+        first = next(chunks)  # a prompt that is refused raises here, before anything is printed
         print(f"Input is: {prompt}\nOutput is: {prompt}", end="", flush=True)
         new: list[int] = []
         shown = ""
-        for (chunk,) in stream(config, params, [tokenizer.encode(prompt)], args.max_new_tokens, **options):
+        for (chunk,) in itertools.chain([first], chunks):
             new += chunk
             text = tokenizer.decode(new)
             print(text[len(shown):] if text.startswith(shown) else text, end="", flush=True)
             shown = text
         print("\n", flush=True)
 
-    try:
-        prompts = args.prompt or DEMO_PROMPTS
+    prompts = args.prompt or ([] if args.interactive else DEMO_PROMPTS)
+    if prompts:
         if args.stream:
             for prompt in prompts:
                 run_streaming(prompt)
         else:
             run(prompts)
-        if args.interactive:
-            for line in sys.stdin:
-                if line.strip():
-                    run_streaming(line.rstrip("\n"))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.interactive:
+        for number, line, error in lines(sys.stdin.buffer):
+            try:
+                if error is None and line.strip():
+                    run_streaming(line)
+            except ValueError as e:
+                error = f"line {number}: {e}"
+            if error:
+                print(f"error: {error}", file=sys.stderr, flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pangu_jax.cli import run
+
+    sys.exit(run(main))

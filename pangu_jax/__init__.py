@@ -1,20 +1,35 @@
-"""PanGu-alpha in JAX and Flax."""
+"""PanGu-alpha in JAX and Flax.
 
-from .checkpoints import load_checkpoint
-from .config import PanguConfig
-from .generate import generate, stream
-from .model import forward, init_cache, init_params
-from .sampling import Sampler
-from .tokenizer import Tokenizer
+The names below are imported on first use, so that importing a submodule
+that needs no JAX (`pangu_jax.config`, say, for a script's --help) stays quick.
+"""
 
-__all__ = [
-    "PanguConfig",
-    "Sampler",
-    "Tokenizer",
-    "forward",
-    "generate",
-    "init_cache",
-    "init_params",
-    "load_checkpoint",
-    "stream",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "PanguConfig": "config",
+    "Sampler": "sampling",
+    "Tokenizer": "tokenizer",
+    "forward": "model",
+    "generate": "generate",
+    "init_cache": "model",
+    "init_params": "model",
+    "load_checkpoint": "checkpoints",
+    "stream": "generate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pangu_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -7,20 +7,43 @@ import json
 import os
 from typing import Any
 
-import jax.numpy as jnp
+import numpy as np
 
 ACTIVATIONS = ("gelu_tanh", "gelu_erf")
 WEIGHT_FORMATS = ("float", "int8")
 ATTENTION_KERNELS = ("auto", "cudnn", "explicit")
-DTYPES = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "float16": jnp.float16,
-}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a PanGu-alpha model."""
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a name in `DTYPES`, which every jax.numpy function takes.
+
+    bfloat16 comes from ml_dtypes, imported only here, so that reading a
+    config (a script's --help) imports neither it nor JAX.
+    """
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def dtype_name(dtype: Any, what: str = "dtype") -> str:
+    """The name in `DTYPES` of `dtype`, given as a name ("bfloat16"), a type (jnp.bfloat16, np.float16) or a dtype.
+
+    `what` names the argument in the error.
+    """
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ConfigError(f"{what} must be one of {', '.join(DTYPES)} (a name or a dtype), got {dtype!r}")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +107,8 @@ class PanguConfig:
             raise ConfigError(f"PanguConfig.weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"PanguConfig.attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(
-                    f"PanguConfig.{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}"
-                )
+        for name in ("param_dtype", "dtype"):  # stored by name, whatever form was given
+            object.__setattr__(self, name, dtype_name(getattr(self, name), f"PanguConfig.{name}"))
 
     @property
     def head_dim(self) -> int:
@@ -101,11 +121,11 @@ class PanguConfig:
 
     @property
     def jnp_dtype(self):
-        return DTYPES[self.dtype]
+        return numpy_dtype(self.dtype)
 
     @property
     def jnp_param_dtype(self):
-        return DTYPES[self.param_dtype]
+        return numpy_dtype(self.param_dtype)
 
     def replace(self, **changes: Any) -> PanguConfig:
         return dataclasses.replace(self, **changes)

@@ -20,6 +20,7 @@ PRNG keys) is donated from call to call, so the cache is updated in place.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -238,6 +239,14 @@ def _row_seeds(seed: int | Sequence[int], batch: int) -> np.ndarray:
     return seeds.astype(np.uint32)
 
 
+def _warn_if_capped(config: PanguConfig, max_new_tokens: int, limits: list[int]) -> None:
+    capped = [row for row, limit in enumerate(limits) if limit < max_new_tokens]
+    if capped:
+        rows = ", ".join(f"prompt {row} to {limits[row]}" for row in capped[:5]) + (" ..." if len(capped) > 5 else "")
+        warnings.warn(f"max_new_tokens {max_new_tokens} is capped by the model's {config.max_positions} positions "
+                      f"(prompt plus new tokens): {rows} new tokens", stacklevel=4)
+
+
 def _params_mesh(params: Params) -> jax.sharding.Mesh | None:
     sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
     return sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
@@ -260,6 +269,7 @@ class _Run:
             seeds = np.concatenate([seeds, np.repeat(seeds[:1], extra)])
         width = bucket(max(len(p) for p in prompts), config.max_positions)
         limits = [min(max_new_tokens, config.max_positions - len(p)) for p in prompts]
+        _warn_if_capped(config, max_new_tokens, limits[:self.rows])
         self.steps = max(limits)
         self.chunk = CHUNK
         tokens, positions = _left_pad(prompts, width)

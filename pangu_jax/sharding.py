@@ -81,8 +81,10 @@ def make_mesh(shape: str | Mapping[str, int] | None = None, devices: Sequence[ja
     sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
     needed = math.prod(sizes)
     if needed > len(devices):
+        hint = (f" (to try a mesh on a CPU, start Python with XLA_FLAGS=--xla_force_host_platform_device_count={needed})"
+                if devices[0].platform == "cpu" else "")
         raise ValueError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {needed} devices, but only {len(devices)} are visible"
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {needed} devices, but only {len(devices)} are visible{hint}"
         )
     return Mesh(np.array(devices[:needed]).reshape(sizes), MESH_AXES)
 

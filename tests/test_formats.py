@@ -239,7 +239,7 @@ def test_bfloat16_survives_hf_and_orbax(tmp_path):
 
 
 def test_npy_refuses_bfloat16_and_leaves_nothing(tmp_path):
-    with pytest.raises(TypeError, match=r"\.npy cannot store bfloat16"):
+    with pytest.raises(ValueError, match=r"\.npy files cannot hold bfloat16"):
         convert(FP32, tmp_path / "npy", to="npy", dtype="bfloat16", progress=False)
     assert list(tmp_path.iterdir()) == []
 

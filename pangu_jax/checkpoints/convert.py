@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -21,21 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ..config import DTYPES, PanguConfig
+from ..config import PanguConfig, dtype_name, numpy_dtype
 from ..model import forward, unstack_layers
 from ..quantize import quantize_params
 from ..sharding import RULES, Rules
+from .atomic import clear_stale
 from .hf_format import is_hf_dir, read_hf, write_hf
 from .layout import is_layernorm, mindspore_slots
 from .loader import CheckpointMismatchError, assemble_params, check_tensors, infer_config, iter_leaves
 from .megatron_format import is_megatron_dir, read_megatron
-from .mindspore_format import CheckpointFormatError, read_mindspore_index, write_mindspore
+from .mindspore_format import CheckpointFormatError, iter_mindspore, read_mindspore_index, write_mindspore
 from .npy_format import read_npy_dir, write_npy_dir
 from .orbax_store import MARKER, load_orbax, mindspore_view, read_orbax_config, save_orbax_stream
 from .storage import LazyTensor
 
-__all__ = ["FORMATS", "RELEASE_MD5", "ConversionSummary", "Source", "compare_logits", "convert",
-           "detect_format", "load_checkpoint", "open_source", "verify_md5"]
+__all__ = ["FORMATS", "RELEASE_MD5", "ConversionCancelled", "ConversionSummary", "DestinationError", "Source",
+           "check_destination", "compare_logits", "convert", "detect_format", "load_checkpoint", "open_source",
+           "verify_md5"]
 
 FORMATS = ("orbax", "hf", "mindspore", "npy")
 
@@ -133,7 +137,7 @@ def load_checkpoint(
     config they record, and MindSpore, npy and argument-less Megatron files
     infer the preset from the tensor shapes (a config given for an
     orbax store may change its numerics, never its sizes). `dtype` ("float32",
-    "bfloat16", "float16") is the storage and compute dtype of the returned
+    "bfloat16", "float16", or such a dtype: jnp.bfloat16, np.float16) is the storage and compute dtype of the returned
     model (LayerNorm stays float32); None keeps the file's own.
 
     With `mesh`, every parameter goes straight into its shards under `rules`
@@ -146,6 +150,7 @@ def load_checkpoint(
     """
     path = Path(path)
     fmt = detect_format(path)
+    dtype = None if dtype is None else dtype_name(dtype)
     if isinstance(config, str):
         config = PanguConfig.preset(config)
     if fmt == "orbax":
@@ -173,6 +178,14 @@ def _keep_sizes(path: Path, stored: PanguConfig, given: PanguConfig | None) -> P
 # --- conversion ----------------------------------------------------------------------
 
 
+class DestinationError(ValueError):
+    """A conversion's destination that cannot be written without losing something, or at all."""
+
+
+class ConversionCancelled(Exception):
+    """The conversion was asked to stop (`convert(cancel=...)`); nothing was written."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ConversionSummary:
     source_format: str
@@ -182,6 +195,70 @@ class ConversionSummary:
     tensors: int
     bytes_written: int
     seconds: float
+    tidied: tuple[str, ...] = ()  # what an earlier, interrupted write had left beside dst (`atomic.clear_stale`)
+
+
+# The top-level names a checkpoint of each directory format may hold: an
+# existing destination is replaced only when it holds nothing else.
+_CHECKPOINT_NAMES = {
+    "orbax": re.compile(r"(pangu_jax\.json|config\.json|params)"),
+    "hf": re.compile(r"(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                     r"model\.safetensors\.index\.json|pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json)"),
+    "npy": re.compile(r"[^/]+\.npy"),
+}
+
+
+def check_destination(src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: bool = False) -> None:
+    """Raise `DestinationError` unless writing a `to` checkpoint at `dst` can lose nothing the user has.
+
+    The folder that will hold `dst` must exist and be writable. An existing
+    `dst` is replaced only with `overwrite`, only by the same kind of thing
+    (a file by a file), and only when it is a checkpoint of the `to` format
+    and holds nothing else; an empty folder is always taken. Never the
+    folder that holds `src`, nor the current folder.
+    """
+    dst, src = Path(dst), Path(src)
+    where = Path(os.path.abspath(dst))
+    if not where.parent.exists():
+        raise DestinationError(f"{dst}: the folder {where.parent} does not exist; create it first")
+    if not where.parent.is_dir():
+        raise DestinationError(f"{dst}: {where.parent} is a file, not a folder")
+    if not os.access(where.parent, os.W_OK | os.X_OK):
+        raise DestinationError(f"{dst}: cannot write in {where.parent} (permission denied)")
+    real, cwd = dst.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise DestinationError(f"{dst} is the current folder (or holds it); name a new folder for the {to} checkpoint")
+    if real == src.resolve() or real in src.resolve().parents:
+        raise DestinationError(f"{dst} holds the source {src}; choose another destination")
+    if not os.path.lexists(dst):
+        return
+    if to == "mindspore":
+        if dst.is_dir():
+            raise DestinationError(f"{dst} is a folder; --to mindspore writes one .ckpt file: name a file")
+    elif not dst.is_dir():
+        raise DestinationError(f"{dst} is a file; --to {to} writes a folder: name a new folder")
+    elif not any(dst.iterdir()):
+        return
+    if not overwrite:
+        raise DestinationError(f"{dst} already exists; pass --overwrite to replace it (only a {to} checkpoint "
+                               "is replaced)")
+    if to == "mindspore":
+        try:
+            next(iter_mindspore(dst))
+        except (CheckpointFormatError, StopIteration):
+            raise DestinationError(f"{dst} is not a MindSpore checkpoint; --overwrite replaces only one") from None
+        return
+    foreign = sorted(p.name for p in dst.iterdir() if not _CHECKPOINT_NAMES[to].fullmatch(p.name))
+    if foreign:
+        raise DestinationError(f"{dst} holds {', '.join(foreign[:5])}{' and more' if len(foreign) > 5 else ''}, "
+                               f"which no {to} checkpoint holds; --overwrite replaces only a {to} checkpoint: "
+                               "move them or choose another destination")
+    try:
+        found = detect_format(dst)
+    except CheckpointFormatError:
+        found = None
+    if found != to:
+        raise DestinationError(f"{dst} is not a {to} checkpoint; --overwrite replaces only one")
 
 
 def convert(
@@ -191,6 +268,9 @@ def convert(
     model: PanguConfig | str | None = None,
     dtype: str | None = None,
     progress: bool = True,
+    *,
+    overwrite: bool = False,
+    cancel: threading.Event | None = None,
 ) -> ConversionSummary:
     """Convert `src` (any format) to `dst` in format `to`, atomically.
 
@@ -198,21 +278,37 @@ def convert(
     shapes match no preset); `dtype` casts every float tensor except the
     LayerNorm parameters, which stay float32 as in the original fp16
     network; None keeps each tensor's own dtype.
+
+    `dst` is checked first (`check_destination`: an existing one is
+    replaced only with `overwrite`), and what an interrupted earlier write
+    to it left beside it is tidied away (`ConversionSummary.tidied`). Once
+    `cancel` is set, the conversion stops before the next tensor, leaves
+    nothing and raises `ConversionCancelled`.
     """
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r}; expected one of {FORMATS}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    dtype = None if dtype is None else dtype_name(dtype)
     start = time.perf_counter()
     source = open_source(src)
+    check_destination(source.path, dst, to, overwrite)
     config = _resolve_config(source, model)
     slots = mindspore_slots(config)
     check_tensors(str(source.path), source.tensors, slots, config)
     source_dtype = np.dtype(source.tensors["backbone.word_embedding.embedding_table"].data.dtype).name
     config = config.replace(param_dtype=dtype or source_dtype, dtype=dtype or source_dtype)
     plan = {name: _target_dtype(source.tensors[name].data.dtype, slot.path, dtype) for name, slot in slots.items()}
+    if to == "npy" and any(d.name == "bfloat16" for d in plan.values()):
+        raise ValueError(f"{dst}: .npy files cannot hold bfloat16 (no reader turns them back into numbers); "
+                         "pass --dtype float32 or float16")
+    tidied = tuple(clear_stale(dst))
+
+    def tick_unless_cancelled(nbytes: int) -> None:
+        if cancel is not None and cancel.is_set():
+            raise ConversionCancelled(f"conversion to {dst} stopped before it finished; nothing was written")
+        tick(nbytes)
+
     with _Progress(source, to, slots, progress) as tick:
-        tensors = {name: _ticking(source.tensors[name], tick) for name in slots}
+        tensors = {name: _ticking(source.tensors[name], tick_unless_cancelled) for name in slots}
         if to == "orbax":
             save_orbax_stream(dst, config, iter_leaves(tensors, config))
         else:
@@ -220,7 +316,8 @@ def convert(
                       for name in mindspore_slots(config))
             _write_stream(to, dst, config, stream, plan)
     seconds = time.perf_counter() - start
-    return ConversionSummary(source.format, to, config, source_dtype, len(slots), _disk_size(Path(dst)), seconds)
+    return ConversionSummary(source.format, to, config, source_dtype, len(slots), _disk_size(Path(dst)), seconds,
+                             tidied)
 
 
 def _resolve_config(source: Source, model: PanguConfig | str | None) -> PanguConfig:
@@ -232,7 +329,7 @@ def _resolve_config(source: Source, model: PanguConfig | str | None) -> PanguCon
 def _target_dtype(stored: np.dtype, path: tuple[str, ...], dtype: str | None) -> np.dtype:
     if dtype is None:
         return np.dtype(stored)
-    return np.dtype(np.float32 if is_layernorm(path) else DTYPES[dtype])
+    return np.dtype(np.float32) if is_layernorm(path) else numpy_dtype(dtype)
 
 
 def _write_stream(to: str, dst, config: PanguConfig, stream: Iterator, plan: dict) -> None:
@@ -302,19 +399,27 @@ def compare_logits(src, dst, config: PanguConfig, length: int = 8, seed: int = 0
     return float(np.max(np.abs(logits(src) - logits(dst))))
 
 
-def verify_md5(path: str | os.PathLike) -> str:
+def verify_md5(path: str | os.PathLike, *, allow_unknown: bool = False) -> str:
     """Check a released MindSpore file against PANGU.md's MD5 table; raise on a mismatch.
 
-    Returns what was found, including "no reference MD5" for an unknown file name.
+    The file is matched to a released one by name, ignoring case (the
+    release spells 13B's `PanguAlpha_13b_fp16.ckpt`). A name the table does
+    not know raises `CheckpointFormatError`, unless `allow_unknown`. Returns
+    what was found.
     """
     path = Path(path)
-    expected = RELEASE_MD5.get(path.name)
-    if expected is None:
-        return f"{path.name}: no reference MD5 (known: {', '.join(RELEASE_MD5)}); not verified"
+    release = {name.lower(): name for name in RELEASE_MD5}.get(path.name.lower())
+    if release is None:
+        message = (f"{path.name}: no released file of that name, so no MD5 to check against "
+                   f"(known: {', '.join(RELEASE_MD5)})")
+        if allow_unknown:
+            return f"{message}; not verified"
+        raise CheckpointFormatError(f"{message}; rename it as released or pass --allow-unknown to convert unverified")
+    expected = RELEASE_MD5[release]
     digest = hashlib.md5()
     with path.open("rb") as f:
         while chunk := f.read(16 << 20):
             digest.update(chunk)
     if digest.hexdigest() != expected:
-        raise CheckpointFormatError(f"{path}: MD5 {digest.hexdigest()}, expected {expected} for the released file")
-    return f"{path.name}: MD5 {expected} matches the released file"
+        raise CheckpointFormatError(f"{path}: MD5 {digest.hexdigest()}, expected {expected} for the released {release}")
+    return f"{path.name}: MD5 {expected} matches the released {release}"

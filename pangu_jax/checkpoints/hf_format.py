@@ -30,7 +30,8 @@ import numpy as np
 from ..config import PanguConfig
 from .layout import mindspore_slots
 from .mindspore_format import CheckpointFormatError
-from .storage import LazyTensor, atomic_directory, import_torch
+from .atomic import atomic_directory
+from .storage import LazyTensor, import_torch
 
 __all__ = ["HF_BLOCK", "HF_GLOBALS", "hf_config_dict", "hf_names", "is_hf_dir", "read_hf", "write_hf"]
 

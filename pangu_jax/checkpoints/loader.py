@@ -10,7 +10,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from ..config import DTYPES, PRESETS, PanguConfig
+from ..config import DTYPES, PRESETS, PanguConfig, dtype_name, numpy_dtype
 from ..model import unstack_layers
 from ..quantize import quantize_params
 from ..sharding import RULES, Rules, param_shardings
@@ -52,8 +52,8 @@ def infer_config(source: str, tensors: Mapping[str, StoredTensor]) -> PanguConfi
 
 
 def _float_dtype_name(source: str, name: str, data: np.ndarray) -> str:
-    for key, dt in DTYPES.items():
-        if data.dtype == np.dtype(dt):
+    for key in DTYPES:
+        if data.dtype == numpy_dtype(key):
             return key
     raise CheckpointMismatchError(f"{source}: tensor {name} has dtype {data.dtype}; expected a float tensor")
 
@@ -90,7 +90,7 @@ def iter_leaves(tensors: Mapping[str, StoredTensor], config: PanguConfig) -> Ite
     keeps no leaf it has yielded, so a consumer that writes and drops each
     one holds a single leaf (the largest: a stacked blocks matrix).
     """
-    target = np.dtype(DTYPES[config.param_dtype])
+    target = numpy_dtype(config.param_dtype)
     for path, group in _slots_by_leaf(mindspore_slots(config)).items():
         yield path, _build_leaf(group, tensors, config, np.dtype(np.float32) if is_layernorm(path) else target)
 
@@ -143,8 +143,7 @@ def assemble_params(
     if dtype is None:
         word = "backbone.word_embedding.embedding_table"
         dtype = _float_dtype_name(source, word, tensors[word].data) if word in tensors else config.param_dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    dtype = dtype_name(dtype)
     config = config.replace(param_dtype=dtype, dtype=dtype)
     slots = mindspore_slots(config)
     check_tensors(source, tensors, slots, config)

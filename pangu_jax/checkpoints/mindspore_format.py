@@ -25,13 +25,14 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from .atomic import atomic_file
 
 __all__ = [
     "CheckpointFormatError",
@@ -348,21 +349,15 @@ def write_mindspore(path: str | os.PathLike[str], tensors: Iterable[tuple[str, n
     into several entries; this writer always stores one entry per tensor.)
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("xb") as f:
-            seen: set[str] = set()
-            for name, array in tensors:
-                if name in seen:
-                    raise ValueError(f"{path}: tensor {name!r}: duplicate tensor name; names must be unique")
-                seen.add(name)
-                _write_entry(f, path, name, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, tmp.open("xb") as f:
+        seen: set[str] = set()
+        for name, array in tensors:
+            if name in seen:
+                raise ValueError(f"{path}: tensor {name!r}: duplicate tensor name; names must be unique")
+            seen.add(name)
+            _write_entry(f, path, name, array)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_entry(f: BinaryIO, path: Path, name: str, array: np.ndarray) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .mindspore_format import CheckpointFormatError
-from .storage import LazyTensor, atomic_directory
+from .atomic import atomic_directory
+from .storage import LazyTensor
 
 __all__ = ["read_npy_dir", "write_npy_dir"]
 

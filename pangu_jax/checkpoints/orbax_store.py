@@ -34,14 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from ..config import DTYPES, PanguConfig
+from ..config import PanguConfig, dtype_name
 from ..model import abstract_params
 from ..sharding import RULES, Rules, param_shardings
 from ..vocab import VOCAB_SHA256
 from .layout import mindspore_slots
 from .loader import TreePath
 from .mindspore_format import CheckpointFormatError
-from .storage import LazyTensor, atomic_directory
+from .atomic import atomic_directory
+from .storage import LazyTensor
 
 __all__ = ["FORMAT_VERSION", "MARKER", "load_orbax", "mindspore_view", "read_orbax_config", "save_orbax",
            "save_orbax_stream"]
@@ -184,8 +185,7 @@ def load_orbax(
     path = Path(path).absolute()
     config, version = _read_store(path)
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        dtype = dtype_name(dtype)
         config = config.replace(param_dtype=dtype, dtype=dtype)
     shardings = _shardings(config, mesh, rules)
     target = jax.tree.map(

@@ -1,22 +1,17 @@
-"""What every checkpoint format shares: `LazyTensor`, a stored tensor read only
-when converted, and `atomic_directory`, which builds a directory beside its
-destination and swaps it in at the end.
+"""What every checkpoint reader shares: `LazyTensor`, a stored tensor read only
+when converted, and `import_torch` for the formats that are PyTorch pickles.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from .mindspore_format import CheckpointFormatError
 
-__all__ = ["LazyTensor", "atomic_directory", "import_torch"]
+__all__ = ["LazyTensor", "import_torch"]
 
 
 class LazyTensor:
@@ -42,42 +37,6 @@ class LazyTensor:
         if dtype is not None:
             array = array.astype(dtype, copy=False)
         return np.array(array, copy=True) if copy else array
-
-
-@contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `dst`; on success it becomes `dst`.
-
-    On any failure the temporary directory is removed and an existing `dst`
-    is left as it was. An existing `dst` is replaced only once the new one
-    is complete.
-    """
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-        _swap_in(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(tmp: Path, dst: Path) -> None:
-    if not os.path.lexists(dst):
-        os.replace(tmp, dst)
-        return
-    old = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.old")
-    os.replace(dst, old)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        os.replace(old, dst)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
 
 
 def import_torch(file: Path, reading: str, advice: str):
