@@ -158,6 +158,14 @@ def test_npy_directory_missing_a_tensor_is_refused(tmp_path):
         load_checkpoint(tmp_path / "npy")
 
 
+def test_npy_big_endian_arrays_are_read_in_native_order(tmp_path, sequences):
+    shutil.copytree(FIXTURES / "npy", tmp_path / "npy")
+    for file in (tmp_path / "npy").iterdir():
+        np.save(file, np.load(file).astype(">f4"))
+    assert load_checkpoint(tmp_path / "npy")[0].param_dtype == "float32"
+    assert max_logit_error(tmp_path / "npy", sequences) < 1e-4
+
+
 def test_npy_file_that_is_not_an_array_is_named(tmp_path):
     shutil.copytree(FIXTURES / "npy", tmp_path / "npy")
     (tmp_path / "npy" / "backbone.layernorm.beta.npy").write_bytes(b"not numpy")

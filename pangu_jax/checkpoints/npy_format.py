@@ -23,14 +23,19 @@ def read_npy_dir(path: str | os.PathLike) -> dict[str, LazyTensor]:
 
 
 def _npy_record(path: Path) -> LazyTensor:
-    def load() -> np.ndarray:
+    """The array in native byte order: a big-endian file is read into a native copy."""
+    def mapped() -> np.ndarray:
         try:
             return np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
             raise CheckpointFormatError(f"{path}: not a readable .npy array ({e})") from None
 
-    header = load()  # an mmap: reads the header only
-    return LazyTensor(header.shape, header.dtype, load)
+    def load() -> np.ndarray:
+        array = mapped()
+        return array.astype(array.dtype.newbyteorder("="), copy=False)
+
+    header = mapped()  # reads the header only
+    return LazyTensor(header.shape, header.dtype.newbyteorder("="), load)
 
 
 def write_npy_dir(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
