@@ -134,6 +134,31 @@ def test_hf_config_contradicting_the_tensors_is_refused(tmp_path, edit, message)
     assert str(path / "config.json") in str(info.value)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("num_heads", "4", r"field num_heads='4' is a string; expected an integer"),
+    ("hidden_size", 64.0, r"field hidden_size=64\.0 is a number; expected an integer"),
+    ("vocab_size", True, r"field vocab_size=True is a boolean; expected an integer"),
+    ("num_layers", None, r"field num_layers=None is null; expected an integer"),
+    ("max_position_embeddings", [128], r"field max_position_embeddings=\[128\] is an array; expected an integer"),
+    ("intermediate_size", "256", r"field intermediate_size='256' is a string; expected an integer or null"),
+    ("layer_norm_epsilon", "1e-5", r"field layer_norm_epsilon='1e-5' is a string; expected a number"),
+    ("activation_function", {"name": "gelu"}, r"field activation_function=\{'name': 'gelu'\} is an object; "
+                                              r"expected a string"),
+])
+def test_hf_config_field_of_the_wrong_type_is_named(tmp_path, field, value, message):
+    path = _hf_copy(tmp_path, edit_config=lambda c: c.update({field: value}))
+    with pytest.raises(CheckpointFormatError, match=message) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(f"{path / 'config.json'}: ")
+
+
+def test_hf_config_that_is_not_an_object_is_named(tmp_path):
+    path = _hf_copy(tmp_path)
+    (path / "config.json").write_text("[64, 4]")
+    with pytest.raises(CheckpointFormatError, match=r"config\.json: holds an array; expected a JSON object"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.update({"lm_head.weight": t[WTE] + 1}), r"lm_head\.weight differs from transformer\.wte\.weight"),
     (lambda t: t.pop("transformer.h.1.attn.v_proj.bias"), r"missing tensor\(s\) transformer\.h\.1\.attn\.v_proj\.bias"),

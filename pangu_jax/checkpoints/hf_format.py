@@ -75,6 +75,25 @@ _MASKED_BIAS = -1e4
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
 _DEFAULT_ACTIVATION = "gelu"
 
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The config.json fields read here: field -> (whether a value has the right type, that type, required).
+_FIELD_TYPES = {
+    "hidden_size": (_is_int, "an integer", True),
+    "vocab_size": (_is_int, "an integer", True),
+    "max_position_embeddings": (_is_int, "an integer", True),
+    "intermediate_size": (lambda v: v is None or _is_int(v), "an integer or null", False),
+    "num_layers": (_is_int, "an integer", True),
+    "num_heads": (_is_int, "an integer", True),
+    "layer_norm_epsilon": (lambda v: _is_int(v) or isinstance(v, float), "a number", False),
+    "activation_function": (lambda v: isinstance(v, str), "a string", False),
+}
+_JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+               dict: "an object", type(None): "null"}
+
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
@@ -127,11 +146,14 @@ def read_hf(path: str | os.PathLike) -> tuple[PanguConfig, dict[str, LazyTensor]
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        fields = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointFormatError(f"{path} does not exist; a HuggingFace directory needs it") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointFormatError(f"{path}: holds {_JSON_TYPES[type(fields)]}; expected a JSON object")
+    return fields
 
 
 def _as_mindspore(record: LazyTensor, transposed: bool) -> LazyTensor:
@@ -236,7 +258,8 @@ def _numpy_dtype(name: str) -> np.dtype:
 
 
 def _config_from_fields(file: Path, fields: dict, stored: Mapping[str, LazyTensor]) -> PanguConfig:
-    """PanguConfig from config.json, every size cross-checked against the tensors."""
+    """PanguConfig from config.json, every field's type checked, then every size against the tensors."""
+    _check_types(file, fields)
     for tensor in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.mlp.c_fc.weight"):
         if tensor not in stored or len(stored[tensor].shape) != 2:
             raise CheckpointFormatError(f"{file.parent}: no matrix {tensor}; is this a GPTPangu checkpoint?")
@@ -246,8 +269,6 @@ def _config_from_fields(file: Path, fields: dict, stored: Mapping[str, LazyTenso
     layers = 1 + max(int(m.group(1)) for n in stored if (m := _LAYER.match(n)))
 
     def require(key: str, ok, tensor: str, found) -> None:
-        if key not in fields and key != "intermediate_size":
-            raise CheckpointFormatError(f"{file}: field {key} is missing")
         if not ok(fields.get(key)):
             raise CheckpointFormatError(
                 f"{file}: field {key}={fields.get(key)!r} contradicts tensor {tensor}, which gives {found}"
@@ -258,7 +279,6 @@ def _config_from_fields(file: Path, fields: dict, stored: Mapping[str, LazyTenso
     require("max_position_embeddings", lambda v: v == positions, "transformer.wpe.weight", f"{positions} positions")
     require("intermediate_size", lambda v: (v or 4 * hidden) == ffn, "transformer.h.0.mlp.c_fc.weight", f"FFN size {ffn}")
     require("num_layers", lambda v: v == layers, f"transformer.h.{layers - 1}.*", f"{layers} layers")
-    require("num_heads", lambda v: isinstance(v, int), "transformer.wte.weight", f"hidden size {hidden}")
     activation = fields.get("activation_function", _DEFAULT_ACTIVATION)
     if activation not in _ACTIVATIONS:
         raise CheckpointFormatError(
@@ -274,10 +294,19 @@ def _config_from_fields(file: Path, fields: dict, stored: Mapping[str, LazyTenso
         raise CheckpointFormatError(f"{file}: {e}") from None
 
 
+def _check_types(file: Path, fields: dict) -> None:
+    for key, (fits, expected, required) in _FIELD_TYPES.items():
+        if key not in fields:
+            if required:
+                raise CheckpointFormatError(f"{file}: field {key} is missing")
+        elif not fits(fields[key]):
+            raise CheckpointFormatError(
+                f"{file}: field {key}={fields[key]!r} is {_JSON_TYPES[type(fields[key])]}; expected {expected}"
+            )
+
+
 def _vocab_fits(vocab: int, rows: int) -> bool:
     """Rows equal vocab_size, or pad it to the next multiple of 64 or 128 (module docstring)."""
-    if not isinstance(vocab, int):
-        return False
     return rows == vocab or (rows > vocab and rows % 64 == 0 and rows - vocab < 128)
 
 
