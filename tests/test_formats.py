@@ -171,6 +171,13 @@ def test_hf_tensors_that_do_not_fit_are_refused(tmp_path, edit, message):
         load_checkpoint(_hf_copy(tmp_path, edit_tensors=edit))
 
 
+def test_hf_tensor_the_config_is_read_from_must_be_a_matrix(tmp_path):
+    path = _hf_copy(tmp_path, edit_tensors=lambda t: t.update({WTE: t[WTE].reshape(10, 100, 64)}))
+    with pytest.raises(CheckpointFormatError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == f"{path / 'model.safetensors'}: tensor {WTE} has shape [10, 100, 64]; expected 2 dims"
+
+
 def test_hf_tied_head_equal_to_the_embedding_is_accepted(tmp_path, sequences):
     path = _hf_copy(tmp_path, edit_tensors=lambda t: t.update({"lm_head.weight": t[WTE].copy()}))
     assert max_logit_error(path, sequences) < 1e-4

@@ -87,6 +87,17 @@ def test_a_config_that_contradicts_the_file_is_refused():
         load_checkpoint(FP32, PanguConfig.preset("tiny", num_layers=4))
 
 
+@pytest.mark.parametrize("name, shape", [
+    ("backbone.word_embedding.embedding_table", (10, 100, 64)),
+    ("backbone.position_embedding.embedding_table", (128 * 64,)),
+])
+def test_a_tensor_the_config_is_read_from_must_be_a_matrix(tmp_path, name, shape):
+    path = _rewrite(tmp_path, lambda t: [(n, a.reshape(shape) if n == name else a) for n, a in t])
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == f"{path}: tensor {name} has shape {shape}; expected 2 dims"
+
+
 def test_unknown_sizes_ask_for_a_config(tmp_path):
     def drop_last_block(tensors):
         return [(n, a) for n, a in tensors if not n.startswith("backbone.blocks.1.")]

@@ -127,8 +127,8 @@ def read_hf(path: str | os.PathLike) -> tuple[PanguConfig, dict[str, LazyTensor]
     """
     path = Path(path)
     fields = _read_json(path / CONFIG_FILE)
-    stored = _open_weights(path)
-    config = _config_from_fields(path / CONFIG_FILE, fields, stored)
+    stored, where = _open_weights(path)
+    config = _config_from_fields(path / CONFIG_FILE, fields, stored, where)
     names = hf_names(config)
     _check_names(path, config, stored, {hf for hf, _ in names.values()})
     _check_lm_head(path, stored)
@@ -162,10 +162,10 @@ def _as_mindspore(record: LazyTensor, transposed: bool) -> LazyTensor:
     return LazyTensor(record.shape[::-1], record.dtype, lambda: np.asarray(record).T)
 
 
-def _open_weights(path: Path) -> dict[str, LazyTensor]:
-    """Every stored tensor by HF name, preferring safetensors as transformers does."""
+def _open_weights(path: Path) -> tuple[dict[str, LazyTensor], dict[str, Path]]:
+    """Every stored tensor by HF name and the file holding each, preferring safetensors as transformers does."""
     if (path / SAFETENSORS_FILE).is_file():
-        return _open_safetensors(path / SAFETENSORS_FILE)
+        return _merge([(path / SAFETENSORS_FILE, _open_safetensors(path / SAFETENSORS_FILE))])
     if (path / SAFETENSORS_INDEX).is_file():
         return _open_shards(path / SAFETENSORS_INDEX, _open_safetensors)
     if (path / PICKLE_INDEX).is_file():
@@ -178,7 +178,7 @@ def _open_weights(path: Path) -> dict[str, LazyTensor]:
     return _merge([(f, _open_pickle(f)) for f in files])
 
 
-def _open_shards(index: Path, open_file) -> dict[str, LazyTensor]:
+def _open_shards(index: Path, open_file) -> tuple[dict[str, LazyTensor], dict[str, Path]]:
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointFormatError(f"{index}: no weight_map; expected {{tensor name: shard file}}")
@@ -191,7 +191,7 @@ def _open_shards(index: Path, open_file) -> dict[str, LazyTensor]:
     return _merge(shards)
 
 
-def _merge(files: list[tuple[Path, dict[str, LazyTensor]]]) -> dict[str, LazyTensor]:
+def _merge(files: list[tuple[Path, dict[str, LazyTensor]]]) -> tuple[dict[str, LazyTensor], dict[str, Path]]:
     merged: dict[str, LazyTensor] = {}
     where: dict[str, Path] = {}
     for file, tensors in files:
@@ -199,7 +199,7 @@ def _merge(files: list[tuple[Path, dict[str, LazyTensor]]]) -> dict[str, LazyTen
             if name in merged:
                 raise CheckpointFormatError(f"{file}: tensor {name} is also stored in {where[name]}")
             merged[name], where[name] = record, file
-    return merged
+    return merged, where
 
 
 def _open_safetensors(file: Path) -> dict[str, LazyTensor]:
@@ -257,12 +257,17 @@ def _numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def _config_from_fields(file: Path, fields: dict, stored: Mapping[str, LazyTensor]) -> PanguConfig:
+def _config_from_fields(file: Path, fields: dict, stored: Mapping[str, LazyTensor],
+                        where: Mapping[str, Path]) -> PanguConfig:
     """PanguConfig from config.json, every field's type checked, then every size against the tensors."""
     _check_types(file, fields)
     for tensor in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.mlp.c_fc.weight"):
-        if tensor not in stored or len(stored[tensor].shape) != 2:
-            raise CheckpointFormatError(f"{file.parent}: no matrix {tensor}; is this a GPTPangu checkpoint?")
+        if tensor not in stored:
+            raise CheckpointFormatError(f"{file.parent}: no tensor {tensor}; is this a GPTPangu checkpoint?")
+        if len(stored[tensor].shape) != 2:
+            raise CheckpointFormatError(
+                f"{where[tensor]}: tensor {tensor} has shape {list(stored[tensor].shape)}; expected 2 dims"
+            )
     rows, hidden = stored["transformer.wte.weight"].shape
     positions = stored["transformer.wpe.weight"].shape[0]
     ffn = stored["transformer.h.0.mlp.c_fc.weight"].shape[0]

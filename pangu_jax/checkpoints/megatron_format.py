@@ -321,8 +321,10 @@ def _shape_config(file: Path, tensors: Mapping, ranks: int) -> PanguConfig:
     Heads change no shape, so one head stands in for the unknown count.
     """
     for name in (_POSITION, _WORD, _FFN_UP):
-        if name not in tensors or tensors[name].dim() != 2:
-            raise CheckpointFormatError(f"{file}: no matrix {name}; is this a PanGu-alpha Megatron checkpoint?")
+        if name not in tensors:
+            raise CheckpointFormatError(f"{file}: no tensor {name}; is this a PanGu-alpha Megatron checkpoint?")
+        if tensors[name].dim() != 2:
+            raise CheckpointFormatError(f"{file}: tensor {name} has shape {list(tensors[name].shape)}; expected 2 dims")
     positions, hidden = tensors[_POSITION].shape
     blocks = 1 + max(int(m.group(1)) for name in tensors if (m := _LAYER.match(name)))
     try:
