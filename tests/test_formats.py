@@ -108,6 +108,24 @@ def test_hf_sharded_safetensors_load(tmp_path, sequences):
         load_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("named", ["../outside.safetensors", "{absolute}", "sub/../../outside.safetensors", "..", 7])
+def test_hf_shard_index_may_name_only_files_in_its_directory(tmp_path, named):
+    tensors = load_file(HF / "model.safetensors")
+    names = sorted(tensors)
+    path = tmp_path / "hf"
+    path.mkdir()
+    shutil.copy(HF / "config.json", path)
+    save_file({n: tensors[n] for n in names[::2]}, path / "model-00001-of-00002.safetensors")
+    save_file({n: tensors[n] for n in names[1::2]}, tmp_path / "outside.safetensors")
+    named = str(tmp_path / "outside.safetensors") if named == "{absolute}" else named
+    weight_map = {**{n: "model-00001-of-00002.safetensors" for n in names[::2]}, **{n: named for n in names[1::2]}}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointFormatError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == (f"{path / 'model.safetensors.index.json'}: weight_map puts tensor {names[1]} in "
+                               f"{named!r}; expected the name of a file in {path}")
+
+
 def test_hf_padded_vocabulary_keeps_its_rows(tmp_path, sequences):
     def pad(tensors):
         tensors[WTE] = np.concatenate([tensors[WTE], np.zeros((24, 64), np.float32)])

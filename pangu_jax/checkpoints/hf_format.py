@@ -182,6 +182,11 @@ def _open_shards(index: Path, open_file) -> tuple[dict[str, LazyTensor], dict[st
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointFormatError(f"{index}: no weight_map; expected {{tensor name: shard file}}")
+    for tensor, name in weight_map.items():
+        if not (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name):
+            raise CheckpointFormatError(
+                f"{index}: weight_map puts tensor {tensor} in {name!r}; expected the name of a file in {index.parent}"
+            )
     shards = []
     for name in sorted(set(weight_map.values())):
         shard = index.parent / name
