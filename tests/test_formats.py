@@ -72,6 +72,15 @@ def test_hf_pickle_gives_the_reference_logits(tmp_path, sequences):
     assert max_logit_error(tmp_path, sequences) < 1e-4
 
 
+def test_hf_legacy_pickle_gives_the_reference_logits(tmp_path, sequences):
+    """torch.save's format before torch 1.6 (not a zip archive), which cannot be memory-mapped."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: the pytorch_model.bin reader needs it")
+    shutil.copy(HF / "config.json", tmp_path)
+    state = torch.load(HF / "pytorch_model.bin", weights_only=True)
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert max_logit_error(tmp_path, sequences) < 1e-4
+
+
 def test_hf_pickle_without_torch_says_what_to_do(tmp_path, monkeypatch):
     for name in ("config.json", "pytorch_model.bin"):
         shutil.copy(HF / name, tmp_path / name)

@@ -30,7 +30,8 @@ import numpy as np
 from ..config import PanguConfig
 from .layout import mindspore_slots
 from .mindspore_format import CheckpointFormatError
-from .storage import LazyTensor, atomic_directory, import_torch
+from .storage import LazyTensor, atomic_directory
+from .torch_pickle import import_torch, load_torch, torch_dtype, torch_to_numpy
 
 __all__ = ["HF_BLOCK", "HF_GLOBALS", "hf_config_dict", "hf_names", "is_hf_dir", "read_hf", "write_hf"]
 
@@ -226,32 +227,15 @@ def _open_safetensors(file: Path) -> dict[str, LazyTensor]:
 
 
 def _open_pickle(file: Path) -> dict[str, LazyTensor]:
-    torch = import_torch(file, "PyTorch pickles", "better, convert the directory to safetensors (model.safetensors), "
-                         "which needs no torch and cannot run code when loaded")
+    import_torch(file, "PyTorch pickles", "better, convert the directory to safetensors (model.safetensors), "
+                 "which needs no torch and cannot run code when loaded")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = load_torch(file)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
         raise CheckpointFormatError(f"{file}: not a loadable PyTorch state dict ({e})") from None
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{file}: holds a {type(state).__name__}, expected a state dict")
     return {name: LazyTensor(tuple(t.shape), torch_dtype(t), lambda t=t: torch_to_numpy(t)) for name, t in state.items()}
-
-
-def torch_dtype(tensor) -> np.dtype:
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        return _numpy_dtype("bfloat16")
-    return torch.empty((), dtype=tensor.dtype).numpy().dtype
-
-
-def torch_to_numpy(tensor) -> np.ndarray:
-    """Zero-copy view of a CPU tensor; numpy has no bfloat16, so those go through int16 bits."""
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(_numpy_dtype("bfloat16"))
-    return tensor.numpy()
 
 
 def _numpy_dtype(name: str) -> np.dtype:
