@@ -232,6 +232,33 @@ def test_npy_file_that_is_not_an_array_is_named(tmp_path):
         load_checkpoint(tmp_path / "npy")
 
 
+@pytest.mark.parametrize("fmt", ["npy", "safetensors", "pickle", "legacy pickle"])
+def test_a_huge_dim_beside_a_zero_is_a_corrupt_header_in_every_format(tmp_path, fmt):
+    empty = np.zeros((10**12, 0), np.float32)
+    if fmt == "npy":
+        shutil.copytree(FIXTURES / "npy", tmp_path / "npy")
+        path = tmp_path / "npy"
+        file = path / "backbone.position_embedding.embedding_table.npy"
+        np.save(file, empty)
+        who = file
+    elif fmt == "safetensors":
+        path = _hf_copy(tmp_path, edit_tensors=lambda t: t.update({"transformer.wpe.weight": empty}))
+        who = f"{path / 'model.safetensors'}: tensor transformer.wpe.weight"
+    else:
+        torch = pytest.importorskip("torch", reason="torch is not installed: the pytorch_model.bin reader needs it")
+        path = tmp_path / "hf"
+        path.mkdir()
+        shutil.copy(HF / "config.json", path)
+        state = {**torch.load(HF / "pytorch_model.bin", weights_only=True), "transformer.wpe.weight": torch.zeros(10**12, 0)}
+        torch.save(state, path / "pytorch_model.bin", _use_new_zipfile_serialization=fmt == "pickle")
+        who = f"{path / 'pytorch_model.bin'}: tensor transformer.wpe.weight"
+    with pytest.raises(CheckpointFormatError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(f"{who}: dims [1000000000000, 0] cannot be real: with each 0 taken as 1 "
+                                      "they need 4000000000000 bytes, more than the whole file (")
+    assert str(info.value).endswith(" bytes); corrupt tensor header")
+
+
 def test_unrecognised_paths_say_what_was_looked_for(tmp_path):
     (tmp_path / "README").write_text("hello")
     with pytest.raises(CheckpointFormatError, match=r"looked for pangu_jax\.json .*model\.safetensors.*\*\.npy"):

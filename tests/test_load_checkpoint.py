@@ -130,6 +130,14 @@ def test_missing_path_truncated_and_corrupt_files(tmp_path):
         load_checkpoint(flipped)
 
 
+def test_a_huge_dim_beside_a_zero_is_a_corrupt_header_not_a_size(tmp_path):
+    name = "backbone.position_embedding.embedding_table"
+    path = _rewrite(tmp_path, lambda t: [(n, np.zeros((10**12, 0), np.float32) if n == name else a) for n, a in t])
+    with pytest.raises(CheckpointFormatError, match=rf"edited\.ckpt: tensor '{name}', byte offset \d+: "
+                                                    r"dims \[1000000000000, 0\] cannot be real.*corrupt tensor header"):
+        load_checkpoint(path)
+
+
 def test_unknown_dtype_string_is_named(tmp_path):
     data = FP32.read_bytes().replace(b"Float32", b"Float17", 1)
     path = tmp_path / "odd.ckpt"

@@ -29,9 +29,9 @@ import numpy as np
 
 from ..config import PanguConfig
 from .layout import mindspore_slots
-from .mindspore_format import CheckpointFormatError
+from .mindspore_format import CheckpointFormatError, implausible_dims
 from .storage import LazyTensor, atomic_directory
-from .torch_pickle import import_torch, load_torch, torch_dtype, torch_to_numpy
+from .torch_pickle import check_dims, import_torch, load_torch, torch_dtype, torch_to_numpy
 
 __all__ = ["HF_BLOCK", "HF_GLOBALS", "hf_config_dict", "hf_names", "is_hf_dir", "read_hf", "write_hf"]
 
@@ -215,14 +215,17 @@ def _open_safetensors(file: Path) -> dict[str, LazyTensor]:
         handle = safe_open(str(file), framework="numpy")
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise CheckpointFormatError(f"{file}: not a readable safetensors file ({e})") from None
-    records = {}
+    records, size = {}, file.stat().st_size
     for name in handle.keys():
         part = handle.get_slice(name)
         dtype = _SAFETENSORS_DTYPES.get(part.get_dtype())
         if dtype is None:
             raise CheckpointFormatError(f"{file}: tensor {name} has unsupported dtype {part.get_dtype()}")
-        records[name] = LazyTensor(tuple(part.get_shape()), _numpy_dtype(dtype),
-                                   lambda name=name: handle.get_tensor(name))
+        shape, dtype = tuple(part.get_shape()), _numpy_dtype(dtype)
+        why = implausible_dims(shape, dtype.itemsize, size)
+        if why:
+            raise CheckpointFormatError(f"{file}: tensor {name}: {why}")
+        records[name] = LazyTensor(shape, dtype, lambda name=name: handle.get_tensor(name))
     return records
 
 
@@ -235,6 +238,7 @@ def _open_pickle(file: Path) -> dict[str, LazyTensor]:
         raise CheckpointFormatError(f"{file}: not a loadable PyTorch state dict ({e})") from None
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{file}: holds a {type(state).__name__}, expected a state dict")
+    check_dims(file, state)
     return {name: LazyTensor(tuple(t.shape), torch_dtype(t), lambda t=t: torch_to_numpy(t)) for name, t in state.items()}
 
 

@@ -62,7 +62,7 @@ from .layout import mindspore_slots
 from .loader import CheckpointMismatchError
 from .mindspore_format import CheckpointFormatError
 from .storage import LazyTensor
-from .torch_pickle import import_torch, load_torch, pickled_globals, torch_dtype, torch_to_numpy
+from .torch_pickle import check_dims, import_torch, load_torch, pickled_globals, torch_dtype, torch_to_numpy
 
 __all__ = ["MEGATRON_BLOCK", "MEGATRON_GLOBALS", "is_megatron_dir", "megatron_names", "read_megatron"]
 
@@ -238,7 +238,9 @@ def _load_rank(file: Path) -> tuple[dict, object]:
             f"{file}: no 'model' state dict; a Megatron {RANK_FILE} holds model, and optionally args, "
             "optimizer and RNG states"
         )
-    return _flatten(file, state["model"], "", {}), state.get("args")
+    tensors = _flatten(file, state["model"], "", {})
+    check_dims(file, tensors)
+    return tensors, state.get("args")
 
 
 def _flatten(file: Path, tree: Mapping, prefix: str, out: dict) -> dict:

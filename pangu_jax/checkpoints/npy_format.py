@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .mindspore_format import CheckpointFormatError
+from .mindspore_format import CheckpointFormatError, implausible_dims
 from .storage import LazyTensor, atomic_directory
 
 __all__ = ["read_npy_dir", "write_npy_dir"]
@@ -35,6 +35,9 @@ def _npy_record(path: Path) -> LazyTensor:
         return array.astype(array.dtype.newbyteorder("="), copy=False)
 
     header = mapped()  # reads the header only
+    why = implausible_dims(header.shape, header.dtype.itemsize, path.stat().st_size)
+    if why:
+        raise CheckpointFormatError(f"{path}: {why}")
     return LazyTensor(header.shape, header.dtype.newbyteorder("="), load)
 
 

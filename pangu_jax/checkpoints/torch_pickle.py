@@ -11,14 +11,14 @@ from __future__ import annotations
 import io
 import pickletools
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from .mindspore_format import CheckpointFormatError
+from .mindspore_format import CheckpointFormatError, implausible_dims
 
-__all__ = ["import_torch", "load_torch", "pickled_globals", "torch_dtype", "torch_to_numpy"]
+__all__ = ["check_dims", "import_torch", "load_torch", "pickled_globals", "torch_dtype", "torch_to_numpy"]
 
 
 def import_torch(file: Path, reading: str, advice: str):
@@ -43,6 +43,15 @@ def load_torch(file: Path, allowed: Iterable = ()):
 
     with torch.serialization.safe_globals(list(allowed)):
         return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+
+
+def check_dims(file: Path, tensors: Mapping) -> None:
+    """Refuse a tensor of `file` whose dims cannot be real (`implausible_dims`)."""
+    size = file.stat().st_size
+    for name, tensor in tensors.items():
+        why = implausible_dims(tuple(tensor.shape), tensor.element_size(), size)
+        if why:
+            raise CheckpointFormatError(f"{file}: tensor {name}: {why}")
 
 
 def pickled_globals(file: Path) -> set[str]:
