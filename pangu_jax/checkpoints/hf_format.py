@@ -30,8 +30,8 @@ import numpy as np
 from ..config import PanguConfig
 from .layout import mindspore_slots
 from .mindspore_format import CheckpointFormatError, implausible_dims
-from .storage import LazyTensor, atomic_directory
-from .torch_pickle import check_dims, import_torch, load_torch, torch_dtype, torch_to_numpy
+from .storage import LazyTensor, atomic_directory, import_torch
+from .torch_pickle import check_dims, load_torch, torch_dtype, torch_to_numpy
 
 __all__ = ["HF_BLOCK", "HF_GLOBALS", "hf_config_dict", "hf_names", "is_hf_dir", "read_hf", "write_hf"]
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["LazyTensor", "atomic_directory"]
+from .mindspore_format import CheckpointFormatError
+
+__all__ = ["LazyTensor", "atomic_directory", "import_torch"]
 
 
 class LazyTensor:
@@ -76,3 +78,14 @@ def _swap_in(tmp: Path, dst: Path) -> None:
         shutil.rmtree(old)
     else:
         old.unlink()
+
+
+def import_torch(file: Path, reading: str, advice: str):
+    """torch, imported only when a pickle must be read; else an error naming the file and what to do."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointFormatError(
+            f"{file}: reading {reading} needs torch, which is not installed; install torch, or {advice}"
+        ) from None
+    return torch
