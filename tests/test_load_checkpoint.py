@@ -10,7 +10,7 @@ from pangu_jax import PanguConfig, forward, load_checkpoint
 from pangu_jax.assets import EMBEDDED_CHECKPOINT
 from pangu_jax.checkpoints import CheckpointFormatError, CheckpointMismatchError
 from pangu_jax.checkpoints.mindspore_format import read_mindspore_index, write_mindspore
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, load_script
 
 FP32 = FIXTURES / "tiny_fp32.ckpt"
 
@@ -50,6 +50,23 @@ def test_embedded_demo_model_loads_and_runs():
     assert config == PanguConfig.preset("tiny-40k", param_dtype="float16", dtype="float16")
     logits, _ = forward(config, params, jnp.asarray([[3826, 11, 21652, 16, 28]]))
     assert logits.shape == (1, 5, 40000) and bool(jnp.isfinite(logits).all())
+
+
+def test_embedded_demo_model_is_what_build_tiny_writes_in_mindspores_order(tmp_path):
+    from pangu_jax.checkpoints.layout import mindspore_slots
+
+    build_tiny = load_script("checkpoints/build_tiny.py")
+    build_tiny.main(["--out", str(tmp_path / "tiny.ckpt")])
+    assert (tmp_path / "tiny.ckpt").read_bytes() == EMBEDDED_CHECKPOINT.read_bytes()
+    assert list(read_mindspore_index(EMBEDDED_CHECKPOINT)) == list(mindspore_slots(PanguConfig.preset("tiny-40k")))
+
+
+def test_build_tiny_rewrites_the_embedded_model_only_when_asked(capsys):
+    before = EMBEDDED_CHECKPOINT.stat().st_mtime_ns
+    with pytest.raises(SystemExit) as info:
+        load_script("checkpoints/build_tiny.py").main([])
+    assert info.value.code == 2 and "one of the arguments --out --overwrite is required" in capsys.readouterr().err
+    assert EMBEDDED_CHECKPOINT.stat().st_mtime_ns == before
 
 
 def test_training_state_beside_the_weights_is_ignored(tmp_path):
