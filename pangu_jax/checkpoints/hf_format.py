@@ -218,10 +218,10 @@ def _open_safetensors(file: Path) -> dict[str, LazyTensor]:
     records, size = {}, file.stat().st_size
     for name in handle.keys():
         part = handle.get_slice(name)
-        dtype = _SAFETENSORS_DTYPES.get(part.get_dtype())
-        if dtype is None:
+        dtype_name = _SAFETENSORS_DTYPES.get(part.get_dtype())
+        if dtype_name is None:
             raise CheckpointFormatError(f"{file}: tensor {name} has unsupported dtype {part.get_dtype()}")
-        shape, dtype = tuple(part.get_shape()), _numpy_dtype(dtype)
+        shape, dtype = tuple(part.get_shape()), _numpy_dtype(dtype_name)
         why = implausible_dims(shape, dtype.itemsize, size)
         if why:
             raise CheckpointFormatError(f"{file}: tensor {name}: {why}")
