@@ -72,6 +72,15 @@ def test_hf_pickle_gives_the_reference_logits(tmp_path, sequences):
     assert max_logit_error(tmp_path, sequences) < 1e-4
 
 
+def test_hf_legacy_pickle_gives_the_reference_logits(tmp_path, sequences):
+    """torch.save's format before torch 1.6 (not a zip archive), which cannot be memory-mapped."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: the pytorch_model.bin reader needs it")
+    shutil.copy(HF / "config.json", tmp_path)
+    state = torch.load(HF / "pytorch_model.bin", weights_only=True)
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert max_logit_error(tmp_path, sequences) < 1e-4
+
+
 def test_hf_pickle_without_torch_says_what_to_do(tmp_path, monkeypatch):
     for name in ("config.json", "pytorch_model.bin"):
         shutil.copy(HF / name, tmp_path / name)
@@ -108,6 +117,24 @@ def test_hf_sharded_safetensors_load(tmp_path, sequences):
         load_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("named", ["../outside.safetensors", "{absolute}", "sub/../../outside.safetensors", "..", 7])
+def test_hf_shard_index_may_name_only_files_in_its_directory(tmp_path, named):
+    tensors = load_file(HF / "model.safetensors")
+    names = sorted(tensors)
+    path = tmp_path / "hf"
+    path.mkdir()
+    shutil.copy(HF / "config.json", path)
+    save_file({n: tensors[n] for n in names[::2]}, path / "model-00001-of-00002.safetensors")
+    save_file({n: tensors[n] for n in names[1::2]}, tmp_path / "outside.safetensors")
+    named = str(tmp_path / "outside.safetensors") if named == "{absolute}" else named
+    weight_map = {**{n: "model-00001-of-00002.safetensors" for n in names[::2]}, **{n: named for n in names[1::2]}}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointFormatError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == (f"{path / 'model.safetensors.index.json'}: weight_map puts tensor {names[1]} in "
+                               f"{named!r}; expected the name of a file in {path}")
+
+
 def test_hf_padded_vocabulary_keeps_its_rows(tmp_path, sequences):
     def pad(tensors):
         tensors[WTE] = np.concatenate([tensors[WTE], np.zeros((24, 64), np.float32)])
@@ -134,6 +161,31 @@ def test_hf_config_contradicting_the_tensors_is_refused(tmp_path, edit, message)
     assert str(path / "config.json") in str(info.value)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("num_heads", "4", r"field num_heads='4' is a string; expected an integer"),
+    ("hidden_size", 64.0, r"field hidden_size=64\.0 is a number; expected an integer"),
+    ("vocab_size", True, r"field vocab_size=True is a boolean; expected an integer"),
+    ("num_layers", None, r"field num_layers=None is null; expected an integer"),
+    ("max_position_embeddings", [128], r"field max_position_embeddings=\[128\] is an array; expected an integer"),
+    ("intermediate_size", "256", r"field intermediate_size='256' is a string; expected an integer or null"),
+    ("layer_norm_epsilon", "1e-5", r"field layer_norm_epsilon='1e-5' is a string; expected a number"),
+    ("activation_function", {"name": "gelu"}, r"field activation_function=\{'name': 'gelu'\} is an object; "
+                                              r"expected a string"),
+])
+def test_hf_config_field_of_the_wrong_type_is_named(tmp_path, field, value, message):
+    path = _hf_copy(tmp_path, edit_config=lambda c: c.update({field: value}))
+    with pytest.raises(CheckpointFormatError, match=message) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(f"{path / 'config.json'}: ")
+
+
+def test_hf_config_that_is_not_an_object_is_named(tmp_path):
+    path = _hf_copy(tmp_path)
+    (path / "config.json").write_text("[64, 4]")
+    with pytest.raises(CheckpointFormatError, match=r"config\.json: holds an array; expected a JSON object"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.update({"lm_head.weight": t[WTE] + 1}), r"lm_head\.weight differs from transformer\.wte\.weight"),
     (lambda t: t.pop("transformer.h.1.attn.v_proj.bias"), r"missing tensor\(s\) transformer\.h\.1\.attn\.v_proj\.bias"),
@@ -144,6 +196,13 @@ def test_hf_config_contradicting_the_tensors_is_refused(tmp_path, edit, message)
 def test_hf_tensors_that_do_not_fit_are_refused(tmp_path, edit, message):
     with pytest.raises(CheckpointFormatError, match=message):
         load_checkpoint(_hf_copy(tmp_path, edit_tensors=edit))
+
+
+def test_hf_tensor_the_config_is_read_from_must_be_a_matrix(tmp_path):
+    path = _hf_copy(tmp_path, edit_tensors=lambda t: t.update({WTE: t[WTE].reshape(10, 100, 64)}))
+    with pytest.raises(CheckpointFormatError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == f"{path / 'model.safetensors'}: tensor {WTE} has shape [10, 100, 64]; expected 2 dims"
 
 
 def test_hf_tied_head_equal_to_the_embedding_is_accepted(tmp_path, sequences):
@@ -158,11 +217,46 @@ def test_npy_directory_missing_a_tensor_is_refused(tmp_path):
         load_checkpoint(tmp_path / "npy")
 
 
+def test_npy_big_endian_arrays_are_read_in_native_order(tmp_path, sequences):
+    shutil.copytree(FIXTURES / "npy", tmp_path / "npy")
+    for file in (tmp_path / "npy").iterdir():
+        np.save(file, np.load(file).astype(">f4"))
+    assert load_checkpoint(tmp_path / "npy")[0].param_dtype == "float32"
+    assert max_logit_error(tmp_path / "npy", sequences) < 1e-4
+
+
 def test_npy_file_that_is_not_an_array_is_named(tmp_path):
     shutil.copytree(FIXTURES / "npy", tmp_path / "npy")
     (tmp_path / "npy" / "backbone.layernorm.beta.npy").write_bytes(b"not numpy")
     with pytest.raises(CheckpointFormatError, match=r"backbone\.layernorm\.beta\.npy: not a readable \.npy"):
         load_checkpoint(tmp_path / "npy")
+
+
+@pytest.mark.parametrize("fmt", ["npy", "safetensors", "pickle", "legacy pickle"])
+def test_a_huge_dim_beside_a_zero_is_a_corrupt_header_in_every_format(tmp_path, fmt):
+    empty = np.zeros((10**12, 0), np.float32)
+    if fmt == "npy":
+        shutil.copytree(FIXTURES / "npy", tmp_path / "npy")
+        path = tmp_path / "npy"
+        file = path / "backbone.position_embedding.embedding_table.npy"
+        np.save(file, empty)
+        who = file
+    elif fmt == "safetensors":
+        path = _hf_copy(tmp_path, edit_tensors=lambda t: t.update({"transformer.wpe.weight": empty}))
+        who = f"{path / 'model.safetensors'}: tensor transformer.wpe.weight"
+    else:
+        torch = pytest.importorskip("torch", reason="torch is not installed: the pytorch_model.bin reader needs it")
+        path = tmp_path / "hf"
+        path.mkdir()
+        shutil.copy(HF / "config.json", path)
+        state = {**torch.load(HF / "pytorch_model.bin", weights_only=True), "transformer.wpe.weight": torch.zeros(10**12, 0)}
+        torch.save(state, path / "pytorch_model.bin", _use_new_zipfile_serialization=fmt == "pickle")
+        who = f"{path / 'pytorch_model.bin'}: tensor transformer.wpe.weight"
+    with pytest.raises(CheckpointFormatError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(f"{who}: dims [1000000000000, 0] cannot be real: with each 0 taken as 1 "
+                                      "they need 4000000000000 bytes, more than the whole file (")
+    assert str(info.value).endswith(" bytes); corrupt tensor header")
 
 
 def test_unrecognised_paths_say_what_was_looked_for(tmp_path):

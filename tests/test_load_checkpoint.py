@@ -10,7 +10,7 @@ from pangu_jax import PanguConfig, forward, load_checkpoint
 from pangu_jax.assets import EMBEDDED_CHECKPOINT
 from pangu_jax.checkpoints import CheckpointFormatError, CheckpointMismatchError
 from pangu_jax.checkpoints.mindspore_format import read_mindspore_index, write_mindspore
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, load_script
 
 FP32 = FIXTURES / "tiny_fp32.ckpt"
 
@@ -52,6 +52,23 @@ def test_embedded_demo_model_loads_and_runs():
     assert logits.shape == (1, 5, 40000) and bool(jnp.isfinite(logits).all())
 
 
+def test_embedded_demo_model_is_what_build_tiny_writes_in_mindspores_order(tmp_path):
+    from pangu_jax.checkpoints.layout import mindspore_slots
+
+    build_tiny = load_script("checkpoints/build_tiny.py")
+    build_tiny.main(["--out", str(tmp_path / "tiny.ckpt")])
+    assert (tmp_path / "tiny.ckpt").read_bytes() == EMBEDDED_CHECKPOINT.read_bytes()
+    assert list(read_mindspore_index(EMBEDDED_CHECKPOINT)) == list(mindspore_slots(PanguConfig.preset("tiny-40k")))
+
+
+def test_build_tiny_rewrites_the_embedded_model_only_when_asked(capsys):
+    before = EMBEDDED_CHECKPOINT.stat().st_mtime_ns
+    with pytest.raises(SystemExit) as info:
+        load_script("checkpoints/build_tiny.py").main([])
+    assert info.value.code == 2 and "one of the arguments --out --overwrite is required" in capsys.readouterr().err
+    assert EMBEDDED_CHECKPOINT.stat().st_mtime_ns == before
+
+
 def test_training_state_beside_the_weights_is_ignored(tmp_path):
     extra = [("global_step", np.array([7], np.int32)), ("adam_m.backbone.layernorm.gamma", np.zeros(64, np.float32))]
     path = _rewrite(tmp_path, lambda t: t + extra)
@@ -87,6 +104,17 @@ def test_a_config_that_contradicts_the_file_is_refused():
         load_checkpoint(FP32, PanguConfig.preset("tiny", num_layers=4))
 
 
+@pytest.mark.parametrize("name, shape", [
+    ("backbone.word_embedding.embedding_table", (10, 100, 64)),
+    ("backbone.position_embedding.embedding_table", (128 * 64,)),
+])
+def test_a_tensor_the_config_is_read_from_must_be_a_matrix(tmp_path, name, shape):
+    path = _rewrite(tmp_path, lambda t: [(n, a.reshape(shape) if n == name else a) for n, a in t])
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == f"{path}: tensor {name} has shape {shape}; expected 2 dims"
+
+
 def test_unknown_sizes_ask_for_a_config(tmp_path):
     def drop_last_block(tensors):
         return [(n, a) for n, a in tensors if not n.startswith("backbone.blocks.1.")]
@@ -117,6 +145,14 @@ def test_missing_path_truncated_and_corrupt_files(tmp_path):
     flipped.write_bytes(bytes(corrupt))
     with pytest.raises(CheckpointFormatError, match="flipped.ckpt"):
         load_checkpoint(flipped)
+
+
+def test_a_huge_dim_beside_a_zero_is_a_corrupt_header_not_a_size(tmp_path):
+    name = "backbone.position_embedding.embedding_table"
+    path = _rewrite(tmp_path, lambda t: [(n, np.zeros((10**12, 0), np.float32) if n == name else a) for n, a in t])
+    with pytest.raises(CheckpointFormatError, match=rf"edited\.ckpt: tensor '{name}', byte offset \d+: "
+                                                    r"dims \[1000000000000, 0\] cannot be real.*corrupt tensor header"):
+        load_checkpoint(path)
 
 
 def test_unknown_dtype_string_is_named(tmp_path):

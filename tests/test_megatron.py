@@ -223,6 +223,24 @@ def test_slices_that_do_not_fit_are_named_with_their_file(tmp_path, fixture_weig
     assert str(path / RANK1) in str(info.value)
 
 
+def test_without_args_the_tensors_the_sizes_are_read_from_must_be_matrices(tmp_path, fixture_weights):
+    name = "language_model.embedding.position_embeddings.weight"
+    path = _write(tmp_path / "mgt", fixture_weights, 2, args=False, edit=_set(name, (2, 64, 64), on_rank=0))
+    with pytest.raises(CheckpointFormatError) as info:
+        read_megatron(path)
+    rank0 = path / "iter_0001000/mp_rank_00/model_optim_rng.pt"
+    assert str(info.value) == f"{rank0}: tensor {name} has shape [2, 64, 64]; expected 2 dims"
+
+
+def test_a_huge_dim_beside_a_zero_is_a_corrupt_header(tmp_path, fixture_weights):
+    name = "language_model.embedding.position_embeddings.weight"
+    path = _write(tmp_path / "mgt", fixture_weights, 2, edit=_set(name, (10**12, 0)))
+    with pytest.raises(CheckpointFormatError) as info:
+        read_megatron(path)
+    assert str(info.value).startswith(f"{path / RANK1}: tensor {name}: dims [1000000000000, 0] cannot be real")
+    assert str(info.value).endswith("; corrupt tensor header")
+
+
 def test_a_missing_rank_directory_is_named(tmp_path, fixture_weights):
     path = _write(tmp_path / "mgt", fixture_weights, 4)
     for rank in (1, 3):  # ranks 0 and 2 of 3

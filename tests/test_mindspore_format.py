@@ -284,8 +284,14 @@ def test_duplicate_names(tmp_path: Path) -> None:
         (_entry(_tag(), _tensor(b"\x08\x02" + _ld(0x1A, bytes(8)))), "'w'", "no tensor_type (field 2)"),
         (_entry(_tag(), _tensor(b"\x08\x02" + _ld(0x12, b"Float32"))), "'w'", "no tensor_content (field 3)"),
         (_entry(_tag(), _tensor(_proto((2**64 - 2,)))), "'w'", "dims[0] is negative (-2)"),
-        (_entry(_tag(), _tensor(_proto((2**62, 2**62)))), "'w'", "overflow int64"),
-        (_entry(_tag(), _tensor(_proto((2**61, 0)))), "'w'", "overflow int64"),
+        (_entry(_tag(), _tensor(_proto((2**62, 2**62)))), "'w'", "need 85070591730234615865843651857942052864 bytes"),
+        (_entry(_tag(), _tensor(_proto((2**61, 0)))), "'w'", "corrupt tensor header"),
+        (
+            _entry(_tag(), _tensor(_proto((10**12, 0), content=b""))),
+            "'w', byte offset 7",
+            "dims [1000000000000, 0] cannot be real: with each 0 taken as 1 they need 4000000000000 bytes, "
+            "more than the whole file (27 bytes); corrupt tensor header",
+        ),
         (_entry(_tag(), _tensor(_proto((3,)))), "'w'", "need 12 content bytes, found 8"),
         (_entry(_tag(), _tensor(_proto((1,) * 33, content=bytes(4)))), "'w'", "more than 32 dims"),
         (_entry(_tag(), _tensor(_proto(dtype=b"x" * 100))), "'w'", "unknown tensor_type"),

@@ -29,9 +29,10 @@ import numpy as np
 
 from ..config import PanguConfig
 from .layout import mindspore_slots
-from .mindspore_format import CheckpointFormatError
 from .atomic import atomic_directory
+from .mindspore_format import CheckpointFormatError, implausible_dims
 from .storage import LazyTensor, import_torch
+from .torch_pickle import check_dims, load_torch, torch_dtype, torch_to_numpy
 
 __all__ = ["HF_BLOCK", "HF_GLOBALS", "hf_config_dict", "hf_names", "is_hf_dir", "read_hf", "write_hf"]
 
@@ -76,6 +77,25 @@ _MASKED_BIAS = -1e4
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
 _DEFAULT_ACTIVATION = "gelu"
 
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The config.json fields read here: field -> (whether a value has the right type, that type, required).
+_FIELD_TYPES = {
+    "hidden_size": (_is_int, "an integer", True),
+    "vocab_size": (_is_int, "an integer", True),
+    "max_position_embeddings": (_is_int, "an integer", True),
+    "intermediate_size": (lambda v: v is None or _is_int(v), "an integer or null", False),
+    "num_layers": (_is_int, "an integer", True),
+    "num_heads": (_is_int, "an integer", True),
+    "layer_norm_epsilon": (lambda v: _is_int(v) or isinstance(v, float), "a number", False),
+    "activation_function": (lambda v: isinstance(v, str), "a string", False),
+}
+_JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+               dict: "an object", type(None): "null"}
+
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
@@ -109,8 +129,8 @@ def read_hf(path: str | os.PathLike) -> tuple[PanguConfig, dict[str, LazyTensor]
     """
     path = Path(path)
     fields = _read_json(path / CONFIG_FILE)
-    stored = _open_weights(path)
-    config = _config_from_fields(path / CONFIG_FILE, fields, stored)
+    stored, where = _open_weights(path)
+    config = _config_from_fields(path / CONFIG_FILE, fields, stored, where)
     names = hf_names(config)
     _check_names(path, config, stored, {hf for hf, _ in names.values()})
     _check_lm_head(path, stored)
@@ -128,11 +148,14 @@ def read_hf(path: str | os.PathLike) -> tuple[PanguConfig, dict[str, LazyTensor]
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        fields = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointFormatError(f"{path} does not exist; a HuggingFace directory needs it") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointFormatError(f"{path}: holds {_JSON_TYPES[type(fields)]}; expected a JSON object")
+    return fields
 
 
 def _as_mindspore(record: LazyTensor, transposed: bool) -> LazyTensor:
@@ -141,10 +164,10 @@ def _as_mindspore(record: LazyTensor, transposed: bool) -> LazyTensor:
     return LazyTensor(record.shape[::-1], record.dtype, lambda: np.asarray(record).T)
 
 
-def _open_weights(path: Path) -> dict[str, LazyTensor]:
-    """Every stored tensor by HF name, preferring safetensors as transformers does."""
+def _open_weights(path: Path) -> tuple[dict[str, LazyTensor], dict[str, Path]]:
+    """Every stored tensor by HF name and the file holding each, preferring safetensors as transformers does."""
     if (path / SAFETENSORS_FILE).is_file():
-        return _open_safetensors(path / SAFETENSORS_FILE)
+        return _merge([(path / SAFETENSORS_FILE, _open_safetensors(path / SAFETENSORS_FILE))])
     if (path / SAFETENSORS_INDEX).is_file():
         return _open_shards(path / SAFETENSORS_INDEX, _open_safetensors)
     if (path / PICKLE_INDEX).is_file():
@@ -157,10 +180,15 @@ def _open_weights(path: Path) -> dict[str, LazyTensor]:
     return _merge([(f, _open_pickle(f)) for f in files])
 
 
-def _open_shards(index: Path, open_file) -> dict[str, LazyTensor]:
+def _open_shards(index: Path, open_file) -> tuple[dict[str, LazyTensor], dict[str, Path]]:
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointFormatError(f"{index}: no weight_map; expected {{tensor name: shard file}}")
+    for tensor, name in weight_map.items():
+        if not (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name):
+            raise CheckpointFormatError(
+                f"{index}: weight_map puts tensor {tensor} in {name!r}; expected the name of a file in {index.parent}"
+            )
     shards = []
     for name in sorted(set(weight_map.values())):
         shard = index.parent / name
@@ -170,7 +198,7 @@ def _open_shards(index: Path, open_file) -> dict[str, LazyTensor]:
     return _merge(shards)
 
 
-def _merge(files: list[tuple[Path, dict[str, LazyTensor]]]) -> dict[str, LazyTensor]:
+def _merge(files: list[tuple[Path, dict[str, LazyTensor]]]) -> tuple[dict[str, LazyTensor], dict[str, Path]]:
     merged: dict[str, LazyTensor] = {}
     where: dict[str, Path] = {}
     for file, tensors in files:
@@ -178,7 +206,7 @@ def _merge(files: list[tuple[Path, dict[str, LazyTensor]]]) -> dict[str, LazyTen
             if name in merged:
                 raise CheckpointFormatError(f"{file}: tensor {name} is also stored in {where[name]}")
             merged[name], where[name] = record, file
-    return merged
+    return merged, where
 
 
 def _open_safetensors(file: Path) -> dict[str, LazyTensor]:
@@ -188,44 +216,31 @@ def _open_safetensors(file: Path) -> dict[str, LazyTensor]:
         handle = safe_open(str(file), framework="numpy")
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise CheckpointFormatError(f"{file}: not a readable safetensors file ({e})") from None
-    records = {}
+    records, size = {}, file.stat().st_size
     for name in handle.keys():
         part = handle.get_slice(name)
-        dtype = _SAFETENSORS_DTYPES.get(part.get_dtype())
-        if dtype is None:
+        dtype_name = _SAFETENSORS_DTYPES.get(part.get_dtype())
+        if dtype_name is None:
             raise CheckpointFormatError(f"{file}: tensor {name} has unsupported dtype {part.get_dtype()}")
-        records[name] = LazyTensor(tuple(part.get_shape()), _numpy_dtype(dtype),
-                                   lambda name=name: handle.get_tensor(name))
+        shape, dtype = tuple(part.get_shape()), _numpy_dtype(dtype_name)
+        why = implausible_dims(shape, dtype.itemsize, size)
+        if why:
+            raise CheckpointFormatError(f"{file}: tensor {name}: {why}")
+        records[name] = LazyTensor(shape, dtype, lambda name=name: handle.get_tensor(name))
     return records
 
 
 def _open_pickle(file: Path) -> dict[str, LazyTensor]:
-    torch = import_torch(file, "PyTorch pickles", "better, convert the directory to safetensors (model.safetensors), "
-                         "which needs no torch and cannot run code when loaded")
+    import_torch(file, "PyTorch pickles", "better, convert the directory to safetensors (model.safetensors), "
+                 "which needs no torch and cannot run code when loaded")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = load_torch(file)
     except Exception as e:  # torch raises many types for corrupt or unsafe pickles
         raise CheckpointFormatError(f"{file}: not a loadable PyTorch state dict ({e})") from None
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{file}: holds a {type(state).__name__}, expected a state dict")
+    check_dims(file, state)
     return {name: LazyTensor(tuple(t.shape), torch_dtype(t), lambda t=t: torch_to_numpy(t)) for name, t in state.items()}
-
-
-def torch_dtype(tensor) -> np.dtype:
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        return _numpy_dtype("bfloat16")
-    return torch.empty((), dtype=tensor.dtype).numpy().dtype
-
-
-def torch_to_numpy(tensor) -> np.ndarray:
-    """Zero-copy view of a CPU tensor; numpy has no bfloat16, so those go through int16 bits."""
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(_numpy_dtype("bfloat16"))
-    return tensor.numpy()
 
 
 def _numpy_dtype(name: str) -> np.dtype:
@@ -236,19 +251,23 @@ def _numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def _config_from_fields(file: Path, fields: dict, stored: Mapping[str, LazyTensor]) -> PanguConfig:
-    """PanguConfig from config.json, every size cross-checked against the tensors."""
+def _config_from_fields(file: Path, fields: dict, stored: Mapping[str, LazyTensor],
+                        where: Mapping[str, Path]) -> PanguConfig:
+    """PanguConfig from config.json, every field's type checked, then every size against the tensors."""
+    _check_types(file, fields)
     for tensor in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.mlp.c_fc.weight"):
-        if tensor not in stored or len(stored[tensor].shape) != 2:
-            raise CheckpointFormatError(f"{file.parent}: no matrix {tensor}; is this a GPTPangu checkpoint?")
+        if tensor not in stored:
+            raise CheckpointFormatError(f"{file.parent}: no tensor {tensor}; is this a GPTPangu checkpoint?")
+        if len(stored[tensor].shape) != 2:
+            raise CheckpointFormatError(
+                f"{where[tensor]}: tensor {tensor} has shape {list(stored[tensor].shape)}; expected 2 dims"
+            )
     rows, hidden = stored["transformer.wte.weight"].shape
     positions = stored["transformer.wpe.weight"].shape[0]
     ffn = stored["transformer.h.0.mlp.c_fc.weight"].shape[0]
     layers = 1 + max(int(m.group(1)) for n in stored if (m := _LAYER.match(n)))
 
     def require(key: str, ok, tensor: str, found) -> None:
-        if key not in fields and key != "intermediate_size":
-            raise CheckpointFormatError(f"{file}: field {key} is missing")
         if not ok(fields.get(key)):
             raise CheckpointFormatError(
                 f"{file}: field {key}={fields.get(key)!r} contradicts tensor {tensor}, which gives {found}"
@@ -259,7 +278,6 @@ def _config_from_fields(file: Path, fields: dict, stored: Mapping[str, LazyTenso
     require("max_position_embeddings", lambda v: v == positions, "transformer.wpe.weight", f"{positions} positions")
     require("intermediate_size", lambda v: (v or 4 * hidden) == ffn, "transformer.h.0.mlp.c_fc.weight", f"FFN size {ffn}")
     require("num_layers", lambda v: v == layers, f"transformer.h.{layers - 1}.*", f"{layers} layers")
-    require("num_heads", lambda v: isinstance(v, int), "transformer.wte.weight", f"hidden size {hidden}")
     activation = fields.get("activation_function", _DEFAULT_ACTIVATION)
     if activation not in _ACTIVATIONS:
         raise CheckpointFormatError(
@@ -275,10 +293,19 @@ def _config_from_fields(file: Path, fields: dict, stored: Mapping[str, LazyTenso
         raise CheckpointFormatError(f"{file}: {e}") from None
 
 
+def _check_types(file: Path, fields: dict) -> None:
+    for key, (fits, expected, required) in _FIELD_TYPES.items():
+        if key not in fields:
+            if required:
+                raise CheckpointFormatError(f"{file}: field {key} is missing")
+        elif not fits(fields[key]):
+            raise CheckpointFormatError(
+                f"{file}: field {key}={fields[key]!r} is {_JSON_TYPES[type(fields[key])]}; expected {expected}"
+            )
+
+
 def _vocab_fits(vocab: int, rows: int) -> bool:
     """Rows equal vocab_size, or pad it to the next multiple of 64 or 128 (module docstring)."""
-    if not isinstance(vocab, int):
-        return False
     return rows == vocab or (rows > vocab and rows % 64 == 0 and rows - vocab < 128)
 
 

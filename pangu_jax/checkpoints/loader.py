@@ -36,11 +36,8 @@ def _listing(names: list[str], limit: int = 6) -> str:
 
 def infer_config(source: str, tensors: Mapping[str, StoredTensor]) -> PanguConfig:
     """Read the sizes off the tensor shapes; heads come from the matching preset."""
-    try:
-        vocab, hidden = tensors["backbone.word_embedding.embedding_table"].shape
-        positions = tensors["backbone.position_embedding.embedding_table"].shape[0]
-    except KeyError as e:
-        raise CheckpointMismatchError(f"{source}: no tensor {e.args[0]}; is this a PanGu-alpha checkpoint?") from None
+    vocab, hidden = _matrix_shape(source, tensors, "backbone.word_embedding.embedding_table")
+    positions, _ = _matrix_shape(source, tensors, "backbone.position_embedding.embedding_table")
     layers = count_blocks(tensors) + 1
     for name, sizes in PRESETS.items():
         if sizes["hidden_size"] == hidden and sizes["num_layers"] == layers:
@@ -49,6 +46,15 @@ def infer_config(source: str, tensors: Mapping[str, StoredTensor]) -> PanguConfi
         f"{source}: hidden size {hidden} with {layers} layers matches no preset "
         f"({', '.join(PRESETS)}); pass a PanguConfig to say how many heads it has"
     )
+
+
+def _matrix_shape(source: str, tensors: Mapping[str, StoredTensor], name: str) -> tuple[int, int]:
+    if name not in tensors:
+        raise CheckpointMismatchError(f"{source}: no tensor {name}; is this a PanGu-alpha checkpoint?")
+    shape = tuple(tensors[name].shape)
+    if len(shape) != 2:
+        raise CheckpointMismatchError(f"{source}: tensor {name} has shape {shape}; expected 2 dims")
+    return shape
 
 
 def _float_dtype_name(source: str, name: str, data: np.ndarray) -> str:

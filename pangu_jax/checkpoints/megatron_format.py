@@ -49,22 +49,20 @@ in its stored dtype) plus, while a file is being read, its optimizer state.
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import pickletools
 import re
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ConfigError, PanguConfig
-from .hf_format import HF_BLOCK, torch_dtype, torch_to_numpy
+from .hf_format import HF_BLOCK
 from .layout import mindspore_slots
 from .loader import CheckpointMismatchError
 from .mindspore_format import CheckpointFormatError
 from .storage import LazyTensor, import_torch
+from .torch_pickle import check_dims, load_torch, pickled_globals, torch_dtype, torch_to_numpy
 
 __all__ = ["MEGATRON_BLOCK", "MEGATRON_GLOBALS", "is_megatron_dir", "megatron_names", "read_megatron"]
 
@@ -227,14 +225,12 @@ class _Dropped:
 
 def _load_rank(file: Path) -> tuple[dict, object]:
     """One rank's weights by dotted Megatron name (torch tensors) and its ``args`` (or None)."""
-    torch = import_torch(file, "Megatron partitions", "convert the checkpoint once where torch is installed "
-                         "(checkpoints/convert.py) and load the result")
+    import_torch(file, "Megatron partitions", "convert the checkpoint once where torch is installed "
+                 "(checkpoints/convert.py) and load the result")
     try:
-        mapped = zipfile.is_zipfile(file)
         # torch's own allowlist (tensors, storages, OrderedDict) takes precedence over these.
-        stand_ins = [(_Dropped, name) for name in _pickled_globals(file, mapped) if name != "argparse.Namespace"]
-        with torch.serialization.safe_globals([argparse.Namespace, *stand_ins]):
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=mapped)
+        stand_ins = [(_Dropped, name) for name in pickled_globals(file) if name != "argparse.Namespace"]
+        state = load_torch(file, [argparse.Namespace, *stand_ins])
     except Exception as e:  # torch and pickletools raise many types for corrupt or truncated files
         raise CheckpointFormatError(f"{file}: not a loadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), Mapping):
@@ -242,30 +238,9 @@ def _load_rank(file: Path) -> tuple[dict, object]:
             f"{file}: no 'model' state dict; a Megatron {RANK_FILE} holds model, and optionally args, "
             "optimizer and RNG states"
         )
-    return _flatten(file, state["model"], "", {}), state.get("args")
-
-
-def _pickled_globals(file: Path, zipped: bool) -> set[str]:
-    """Every ``module.name`` the pickle refers to, read without unpickling.
-
-    torch.save writes pickle protocol 2, which names globals by GLOBAL
-    opcodes only. A zip file keeps the pickle in ``<archive>/data.pkl``; a
-    legacy file is a magic number, a protocol version and system info, each
-    a small pickle, before the object's pickle.
-    """
-    if zipped:
-        with zipfile.ZipFile(file) as archive:
-            record = next(n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl"))
-            return _globals_in(io.BytesIO(archive.read(record)), pickles=1)
-    with open(file, "rb") as stream:
-        return _globals_in(stream, pickles=4)
-
-
-def _globals_in(stream, pickles: int) -> set[str]:
-    names = set()
-    for _ in range(pickles):
-        names |= {arg.replace(" ", ".") for op, arg, _ in pickletools.genops(stream) if op.name == "GLOBAL"}
-    return names
+    tensors = _flatten(file, state["model"], "", {})
+    check_dims(file, tensors)
+    return tensors, state.get("args")
 
 
 def _flatten(file: Path, tree: Mapping, prefix: str, out: dict) -> dict:
@@ -321,8 +296,10 @@ def _shape_config(file: Path, tensors: Mapping, ranks: int) -> PanguConfig:
     Heads change no shape, so one head stands in for the unknown count.
     """
     for name in (_POSITION, _WORD, _FFN_UP):
-        if name not in tensors or tensors[name].dim() != 2:
-            raise CheckpointFormatError(f"{file}: no matrix {name}; is this a PanGu-alpha Megatron checkpoint?")
+        if name not in tensors:
+            raise CheckpointFormatError(f"{file}: no tensor {name}; is this a PanGu-alpha Megatron checkpoint?")
+        if tensors[name].dim() != 2:
+            raise CheckpointFormatError(f"{file}: tensor {name} has shape {list(tensors[name].shape)}; expected 2 dims")
     positions, hidden = tensors[_POSITION].shape
     blocks = 1 + max(int(m.group(1)) for name in tensors if (m := _LAYER.match(name)))
     try:

@@ -37,6 +37,7 @@ from .atomic import atomic_file
 __all__ = [
     "CheckpointFormatError",
     "TensorRecord",
+    "implausible_dims",
     "iter_mindspore",
     "read_mindspore_index",
     "write_mindspore",
@@ -326,11 +327,10 @@ def _validate_shape(
     content_len = content[1] - content[0]
     if shape == (0,) and content_len == itemsize:
         return ()  # MindSpore 1.x stored a 0-d tensor as dims [0]
-    nonzero = 1
-    for dim in shape:
-        nonzero *= max(dim, 1)
-    if nonzero * itemsize >= _INT64_LIMIT:
-        raise tensor.ctx.error(content[0], f"dims {list(shape)} times itemsize {itemsize} overflow int64")
+    why = implausible_dims(shape, itemsize, len(tensor.buf))
+    if why:
+        largest = max(dims, key=lambda dim: dim[1])
+        raise tensor.ctx.error(largest[0], why)
     expected = math.prod(shape) * itemsize
     if expected != content_len:
         raise tensor.ctx.error(
@@ -338,6 +338,20 @@ def _validate_shape(
             f"dims {list(shape)} with itemsize {itemsize} need {expected} content bytes, found {content_len}",
         )
     return shape
+
+
+def implausible_dims(shape: tuple[int, ...], itemsize: int, file_size: int) -> str | None:
+    """Why a stored tensor's dims cannot be real, or None if they can.
+
+    Matching the content length is not enough: beside a 0, a dim of any size
+    still makes an empty tensor. So with each 0 taken as 1 the dims must fit
+    in the file that holds them.
+    """
+    need = math.prod(max(dim, 1) for dim in shape) * itemsize
+    if need <= file_size:
+        return None
+    return (f"dims {list(shape)} cannot be real: with each 0 taken as 1 they need {need} bytes, "
+            f"more than the whole file ({file_size} bytes); corrupt tensor header")
 
 
 def write_mindspore(path: str | os.PathLike[str], tensors: Iterable[tuple[str, np.ndarray]]) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .mindspore_format import CheckpointFormatError
 from .atomic import atomic_directory
+from .mindspore_format import CheckpointFormatError, implausible_dims
 from .storage import LazyTensor
 
 __all__ = ["read_npy_dir", "write_npy_dir"]
@@ -24,14 +24,22 @@ def read_npy_dir(path: str | os.PathLike) -> dict[str, LazyTensor]:
 
 
 def _npy_record(path: Path) -> LazyTensor:
-    def load() -> np.ndarray:
+    """The array in native byte order: a big-endian file is read into a native copy."""
+    def mapped() -> np.ndarray:
         try:
             return np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
             raise CheckpointFormatError(f"{path}: not a readable .npy array ({e})") from None
 
-    header = load()  # an mmap: reads the header only
-    return LazyTensor(header.shape, header.dtype, load)
+    def load() -> np.ndarray:
+        array = mapped()
+        return array.astype(array.dtype.newbyteorder("="), copy=False)
+
+    header = mapped()  # reads the header only
+    why = implausible_dims(header.shape, header.dtype.itemsize, path.stat().st_size)
+    if why:
+        raise CheckpointFormatError(f"{path}: {why}")
+    return LazyTensor(header.shape, header.dtype.newbyteorder("="), load)
 
 
 def write_npy_dir(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
