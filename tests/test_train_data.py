@@ -10,17 +10,20 @@ import hashlib
 import json
 import subprocess
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pangu_jax.corpus import CorpusNotFoundError, peoples_daily
 from pangu_jax.tokenizer import Tokenizer
 from pangu_jax.train import BadLineWarning, DataConfig, TrainData, load_data
 from pangu_jax.train.documents import Document, detect_format, read_documents
+from pangu_jax.train.packing import PackedRows, pack
 
 EOT, SEP = 9, 5
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +87,21 @@ def segments_of(row: dict[str, np.ndarray]) -> list[np.ndarray]:
     return pieces
 
 
-def all_rows(rows) -> list[dict[str, np.ndarray]]:
+def pieces_by_document(rows: PackedRows) -> dict[int, list[list[int]]]:
+    """The ids of each packed document's pieces, read from the rows, in the document's order."""
+    packing = rows.packing
+    found = defaultdict(list)
+    for index in range(len(rows)):
+        pieces = range(packing.row_starts[index], packing.row_starts[index + 1])
+        segments = segments_of(rows[index])
+        assert len(segments) == len(pieces)
+        for piece, ids in zip(pieces, segments):
+            assert len(ids) == packing.lengths[piece]
+            found[int(packing.documents[piece])].append((int(packing.begins[piece]), ids.tolist()))
+    return {document: [ids for _, ids in sorted(pieces)] for document, pieces in found.items()}
+
+
+def all_rows(rows: PackedRows) -> list[dict[str, np.ndarray]]:
     return [rows[index] for index in range(len(rows))]
 
 
@@ -202,12 +219,12 @@ def test_reset_rows_hold_every_document_once_in_order(tmp_path: Path, load, tok:
     assert max(map(len, expected)) > 3 * 65 and min(map(len, expected)) < 65
 
     rows = all_rows(data.train)
-    pieces = [piece for row in rows for piece in segments_of(row)]
-    assert np.concatenate(pieces).tolist() == [i for ids in expected for i in ids]
-    assert len(pieces) >= len(expected)
-    # A document that fits in a row is never cut.
-    whole = [piece.tolist() for piece in pieces]
-    assert all(ids in whole for ids in expected if len(ids) <= 65)
+    found = pieces_by_document(data.train)
+    assert sorted(found) == list(range(len(expected)))
+    for document, ids in enumerate(expected):
+        assert [i for piece in found[document] for i in piece] == ids
+        assert len(found[document]) == 1 or len(ids) > 65  # a document that fits in a row is never cut
+    assert data.summary.train_tokens / (len(rows) * 65) > 0.9
     for row in rows:
         segments = row["segment_ids"]
         used = segments != 0
@@ -223,6 +240,36 @@ def test_reset_rows_hold_every_document_once_in_order(tmp_path: Path, load, tok:
         assert not np.any(row["loss_weights"][~used]) and not np.any(row["positions"][~used])
         assert np.all(row["tokens"][~used] == tok.pad_id)
         assert np.array_equal(row["targets"][:-1], row["tokens"][1:])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=30), st.integers(1, 12))
+def test_pack_invariants(lengths: list[int], seq_len: int) -> None:
+    row_len = seq_len + 1
+    reset = pack(np.array(lengths), seq_len, "reset")
+    covered = defaultdict(list)
+    for row in range(reset.num_rows):
+        pieces = range(reset.row_starts[row], reset.row_starts[row + 1])
+        offsets = np.cumsum([0] + [int(reset.lengths[p]) for p in pieces])
+        assert len(pieces) and offsets[-1] <= row_len
+        assert all(offset < seq_len for offset in offsets[:-1])  # no piece is only a target
+        for piece in pieces:
+            covered[int(reset.documents[piece])].append((int(reset.begins[piece]), int(reset.lengths[piece])))
+    for document, length in enumerate(lengths):
+        spans = sorted(covered[document])
+        assert [begin for begin, _ in spans] == list(np.cumsum([0] + [n for _, n in spans])[:-1])
+        assert sum(n for _, n in spans) == length
+        assert len(spans) == 1 or length > row_len
+
+    concat = pack(np.array(lengths), seq_len, "concat")
+    stream = [(document, i) for document, length in enumerate(lengths) for i in range(length)]
+    assert concat.num_rows == -(-(len(stream) - 1) // seq_len)
+    for row in range(concat.num_rows):
+        pieces = range(concat.row_starts[row], concat.row_starts[row + 1])
+        laid_out = [
+            (int(concat.documents[p]), int(concat.begins[p]) + i) for p in pieces for i in range(concat.lengths[p])
+        ]
+        assert laid_out == stream[row * seq_len : row * seq_len + row_len]
 
 
 def test_sft_rows_train_only_on_the_response(tmp_path: Path, load, tok: Tokenizer) -> None:
@@ -438,6 +485,6 @@ def test_peoples_daily_articles(tmp_path: Path, load, tok: Tokenizer) -> None:
     data = load([write_text(tmp_path / "pd.txt", articles)], seq_len=256)
     expected = [i for article in articles for i in tok.encode(article) + [EOT]]
     assert data.summary.train_documents == 40 and data.summary.train_tokens == len(expected)
-    pieces = [piece for row in all_rows(data.train) for piece in segments_of(row)]
-    assert np.concatenate(pieces).tolist() == expected
-    assert len(pieces) > 40  # some articles are longer than a row
+    found = pieces_by_document(data.train)
+    assert [i for document in sorted(found) for piece in found[document] for i in piece] == expected
+    assert sum(map(len, found.values())) > 40  # some articles are longer than a row

@@ -3,12 +3,12 @@
 A row's first ``seq_len`` ids are the inputs, its last ``seq_len`` the targets.
 Two layouts:
 
-- ``reset``: documents packed greedily into rows in order. A document that
-  fits in a row is never cut: where it does not fit in the space left, the
-  row is padded and it starts the next one. A longer document fills the space
-  left and goes on into the following rows. Each piece of a document is a
-  segment of its row (numbered from 1; padding is 0) whose positions start
-  at 0, and no target outside an input's own segment is trained on.
+- ``reset``: documents packed greedily, best fit: each in turn goes into the
+  row with the least space left that holds it, or into a new row, so a
+  document that fits in a row is never cut. A longer one fills whole rows and
+  its tail is packed like a document. Each piece of a document is a segment
+  of its row (numbered from 1; padding is 0) whose positions start at 0, and
+  no target outside an input's own segment is trained on.
 - ``concat``: the original pre-training layout. All documents form one stream,
   cut into rows that start ``seq_len`` ids apart (each row's last id is the
   next row's first), so every id but the first is a target once. Positions run
@@ -75,27 +75,33 @@ def pack(lengths: np.ndarray, seq_len: int, mode: str) -> Packing:
 
 def _pack_reset(lengths: np.ndarray, seq_len: int) -> Packing:
     row_len = seq_len + 1
-    row_starts, documents, begins, sizes = [0], [], [], []
-    used = 0
+    rows: list[list[tuple[int, int, int]]] = []
+    # open_rows[space]: the rows with that many ids left; a row is open while a piece
+    # can still start before its last id (which is seen only as a target).
+    open_rows: list[list[int]] = [[] for _ in range(row_len + 1)]
+    open_counts = np.zeros(row_len + 1, np.int64)
     for document, length in enumerate(lengths.tolist()):
-        if length <= row_len and used + length > row_len:
-            row_starts.append(len(documents))
-            used = 0
         begin = 0
-        while begin < length:
-            take = min(row_len - used, length - begin)
-            documents.append(document)
-            begins.append(begin)
-            sizes.append(take)
-            begin += take
-            used += take
-            # A piece starting at the row's last id would be seen only as a target.
-            if used >= seq_len:
-                row_starts.append(len(documents))
-                used = 0
-    if used:
-        row_starts.append(len(documents))
-    return Packing("reset", seq_len, *(np.asarray(a, np.int64) for a in (row_starts, documents, begins, sizes)))
+        while length - begin > row_len:
+            rows.append([(document, begin, row_len)])
+            begin += row_len
+        size = length - begin
+        fitting = np.flatnonzero(open_counts[size:])
+        if len(fitting):
+            space = size + int(fitting[0])
+            row = open_rows[space].pop()
+            open_counts[space] -= 1
+        else:
+            space, row = row_len, len(rows)
+            rows.append([])
+        rows[row].append((document, begin, size))
+        space -= size
+        if space >= 2:
+            open_rows[space].append(row)
+            open_counts[space] += 1
+    row_starts = np.cumsum([0] + [len(pieces) for pieces in rows])
+    pieces = np.asarray([piece for pieces in rows for piece in pieces], np.int64).reshape(-1, 3)
+    return Packing("reset", seq_len, row_starts.astype(np.int64), *pieces.T)
 
 
 def _pack_concat(lengths: np.ndarray, seq_len: int) -> Packing:
