@@ -435,7 +435,7 @@ def test_share_arguments_are_checked(tmp_path: Path, load) -> None:
     with pytest.raises(ValueError, match="step must be an integer >= 0"):
         data.batch(-1)
     with pytest.raises(ValueError, match="no evaluation split"):
-        next(data.eval_batches())
+        data.eval_batches()
 
 
 # --- evaluation split ----------------------------------------------------------------------

@@ -149,9 +149,9 @@ class TrainData:
         if not len(self.eval):
             raise ValueError("no evaluation split: set DataConfig.eval_fraction or DataConfig.eval_documents")
         first, size = self._share(process_index, process_count)
-        for start in range(0, len(self.eval), self.config.batch_size):
-            rows = np.arange(start + first, min(start + first + size, len(self.eval)))
-            yield self.eval.stack(rows, size)
+        rows = len(self.eval)
+        starts = range(first, rows + first, self.config.batch_size)  # as many batches in every process
+        return (self.eval.stack(range(start, min(start + size, rows)), size) for start in starts)
 
     def _share(self, process_index: int, process_count: int) -> tuple[int, int]:
         """First row and number of rows of this process's share of a batch."""
