@@ -64,7 +64,12 @@ class TokenizedFile:
 
 
 class TokenizedDocuments:
-    """The documents of several tokenized files, numbered across them in order."""
+    """The documents of several tokenized files, numbered across them in order.
+
+    Attributes:
+        lengths: each document's number of ids.
+        loss_starts: the index in each document of its first token trained on.
+    """
 
     def __init__(self, files: Sequence[TokenizedFile]) -> None:
         self._files = tuple(files)
@@ -104,13 +109,13 @@ def tokenize_file(
     if tokenizer.vocab_size > np.iinfo(_IDS_DTYPE).max + 1:
         raise ValueError(f"vocabulary {tokenizer.vocab_path} has {tokenizer.vocab_size} ids; the cache stores uint16")
     entry = Path(cache_root) / _cache_key(path, format, tokenizer.vocab_path)
-    if not (entry / "meta.json").is_file():
-        documents, bad_lines = read_documents(path, format)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_directory(entry) as tmp:
-            _write_entry(tmp, path, format, documents, bad_lines, tokenizer, workers)
-        return _read_entry(entry, path, from_cache=False)
-    return _read_entry(entry, path, from_cache=True)
+    if (entry / "meta.json").is_file():
+        return _read_entry(entry, path, from_cache=True)
+    documents, bad_lines = read_documents(path, format)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(entry) as tmp:
+        _write_entry(tmp, path, format, documents, bad_lines, tokenizer, workers)
+    return _read_entry(entry, path, from_cache=False)
 
 
 def _cache_key(path: Path, format: str, vocab_path: Path) -> str:
