@@ -340,7 +340,7 @@ def test_after_a_kill_the_next_conversion_removes_what_was_left(cli, tmp_path, b
 
 def test_a_swap_killed_between_its_renames_gets_the_old_checkpoint_back(tmp_path, written):
     """The old DST was moved aside, the new one not yet moved in: the next run restores the old one."""
-    from pangu_jax.checkpoints.atomic import clear_stale
+    from pangu_jax.atomic import clear_stale
 
     aside = tmp_path / f".store.{2**22 + 7}-{'a' * 32}.old"  # a process id no process has
     shutil.copytree(written["orbax"], aside)
@@ -351,7 +351,7 @@ def test_a_swap_killed_between_its_renames_gets_the_old_checkpoint_back(tmp_path
 
 
 def test_a_running_conversions_temporary_is_left_alone(tmp_path):
-    from pangu_jax.checkpoints.atomic import clear_stale
+    from pangu_jax.atomic import clear_stale
 
     running = tmp_path / f".store.{os.getpid()}-{'b' * 32}.tmp"
     running.mkdir()

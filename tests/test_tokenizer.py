@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from pangu_jax import tokenizer as tokenizer_module
 from pangu_jax import vocab
+from pangu_jax.downloads import project_json_url, version_json_url
 from pangu_jax.tokenizer import Tokenizer, pretokenize, segment
 from pangu_jax.vocab import VocabNotFoundError, find_vocab
 
@@ -292,9 +293,9 @@ class FakePyPI:
         self.requests.append(url)
         if url == WHEEL_URL:
             return io.BytesIO(_wheel_bytes())
-        if url == vocab._VERSION_JSON_URL and self.version_endpoint:
+        if url == version_json_url(vocab.PYPI_PROJECT, vocab.PYPI_VERSION) and self.version_endpoint:
             return io.BytesIO(json.dumps({"urls": _release_files()}).encode())
-        if url == vocab._PROJECT_JSON_URL:
+        if url == project_json_url(vocab.PYPI_PROJECT):
             return io.BytesIO(json.dumps({"releases": {vocab.PYPI_VERSION: _release_files()}}).encode())
         raise urllib.error.HTTPError(url, 404, "Not Found", None, None)  # type: ignore[arg-type]
 

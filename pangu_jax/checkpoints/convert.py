@@ -27,7 +27,7 @@ from ..config import PanguConfig, dtype_name, numpy_dtype
 from ..model import forward, unstack_layers
 from ..quantize import quantize_params
 from ..sharding import RULES, Rules
-from .atomic import clear_stale
+from ..atomic import clear_stale
 from .hf_format import is_hf_dir, read_hf, write_hf
 from .layout import is_layernorm, mindspore_slots
 from .loader import CheckpointMismatchError, assemble_params, check_tensors, infer_config, iter_leaves

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..config import PanguConfig
 from .layout import mindspore_slots
-from .atomic import atomic_directory
+from ..atomic import atomic_directory
 from .mindspore_format import CheckpointFormatError, implausible_dims
 from .storage import LazyTensor, import_torch
 from .torch_pickle import check_dims, load_torch, torch_dtype, torch_to_numpy

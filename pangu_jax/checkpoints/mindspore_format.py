@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .atomic import atomic_file
+from ..atomic import atomic_file
 
 __all__ = [
     "CheckpointFormatError",

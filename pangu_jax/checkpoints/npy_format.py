@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_directory
+from ..atomic import atomic_directory
 from .mindspore_format import CheckpointFormatError, implausible_dims
 from .storage import LazyTensor
 

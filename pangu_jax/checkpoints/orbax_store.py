@@ -41,7 +41,7 @@ from ..vocab import VOCAB_SHA256
 from .layout import mindspore_slots
 from .loader import TreePath
 from .mindspore_format import CheckpointFormatError
-from .atomic import atomic_directory
+from ..atomic import atomic_directory
 from .storage import LazyTensor
 
 __all__ = ["FORMAT_VERSION", "MARKER", "load_orbax", "mindspore_view", "read_orbax_config", "save_orbax",

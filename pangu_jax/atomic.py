@@ -1,4 +1,4 @@
-"""Writing a checkpoint so that nothing is half-written: build it beside its destination, then swap it in.
+"""Writing files and folders (checkpoints, caches) so that nothing is half-written: build it beside its destination, then swap it in.
 
 A temporary sibling `.NAME.<pid>-<hex>.tmp` is built first and renamed to
 NAME only once complete; an existing NAME is first renamed to
@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_file", "clear_stale"]
+__all__ = ["atomic_directory", "atomic_file", "clear_stale", "write_atomically"]
 
 _SIBLING = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[0-9a-f]{32}\.(?P<kind>tmp|old)$")
 
@@ -102,6 +102,14 @@ def atomic_file(dst: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomically(dst: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `dst` through a temporary sibling (`atomic_file`), making its folder if needed."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(dst) as tmp:
+        tmp.write_bytes(data)
 
 
 def _swap_in(tmp: Path, dst: Path) -> None:
