@@ -197,7 +197,7 @@ def profile_kernels(fn, steps: int, top: int = 25) -> dict:
     }
 
 
-def _device_model(model: str, dtype: str, layout: str = "unstacked", mesh: str | None = None,
+def _device_model(model: str, dtype: str, layout: str = "per_layer", mesh: str | None = None,
                   weights: str = "float", vocab: str = "replicated", attention: str = "auto"):
     """Random parameters made on the device(s) leaf by leaf, in the given layout, on a mesh if asked.
 
@@ -210,15 +210,18 @@ def _device_model(model: str, dtype: str, layout: str = "unstacked", mesh: str |
     import jax.numpy as jnp
 
     from pangu_jax import PanguConfig
+    from pangu_jax.layouts import per_layer
     from pangu_jax.model import abstract_params
-    from pangu_jax.sharding import RULES, RULES_SPLIT_VOCAB, make_mesh, param_shardings
+    from pangu_jax.sharding import RULES, RULES_SPLIT_VOCAB, make_mesh, shardings_like
 
-    config = PanguConfig.preset(model, param_dtype=dtype, dtype=dtype, weights=weights, attention=attention)
+    config = PanguConfig.preset(model, param_dtype=dtype, dtype=dtype, weights=weights, attention=attention,
+                                decode_attention=attention)
     rules = {"split": RULES_SPLIT_VOCAB, "replicated": RULES}[vocab]
-    unstacked = layout == "unstacked"
-    shapes = abstract_params(config, unstacked=unstacked)
+    shapes = abstract_params(config)
+    if layout == "per_layer":
+        shapes = jax.eval_shape(per_layer, shapes)
     shardings = (jax.tree.map(lambda _: None, shapes) if mesh is None
-                 else param_shardings(config, make_mesh(mesh), unstacked=unstacked, rules=rules))
+                 else shardings_like(config, make_mesh(mesh), shapes, rules))
 
     @functools.cache
     def maker(shape, dtype, sharding):
@@ -249,7 +252,7 @@ def _peak_bytes() -> int:
 
 
 def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repeats: int,
-                layout: str = "unstacked", mesh: str | None = None, weights: str = "float",
+                layout: str = "per_layer", mesh: str | None = None, weights: str = "float",
                 vocab: str = "replicated", attention: str = "auto") -> dict:
     """ms per new token of `generate`'s decode: the whole decode loop on the device, timed apart from the prefill.
 
@@ -267,10 +270,9 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
     import jax
     import numpy as np
 
-    from pangu_jax.generate import generate
-    from pangu_jax.generate import start as start_generation
-    from pangu_jax.generate import stream
-    from pangu_jax.model import init_cache
+    from pangu_jax.cache import init_cache
+    from pangu_jax.decoding import generate, stream
+    from pangu_jax.decoding import start as start_generation
     from pangu_jax.sharding import make_mesh
 
     config, params = _device_model(model, dtype, layout, mesh, weights, vocab, attention)
@@ -285,10 +287,10 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
         """generate's decode program (`to_end`), or the stream's chunk programs back to back with no reads."""
         run = start()
         jax.block_until_ready(run.state)
-        begin, steps_before = time.perf_counter(), int(run.state["step"])
+        begin, steps_before = time.perf_counter(), int(run.state.step)
         for _ in range(1 if to_end else -(-new // run.chunk)):
             run.decode(to_end=to_end)
-        steps = int(jax.block_until_ready(run.state)["step"]) - steps_before  # before the clock is read
+        steps = int(jax.block_until_ready(run.state).step) - steps_before  # before the clock is read
         return time.perf_counter() - begin, steps
 
     def streamed():  # from the first token in the caller's hands (the prefill's) to the last
@@ -308,7 +310,7 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
         for timed in (lambda: on_device(True), lambda: on_device(False), streamed))  # the first run of each compiles
     devices = 1 if mesh is None else make_mesh(mesh).size
     weight_bytes = _tree_bytes(params)
-    cache_bytes = _tree_bytes(jax.eval_shape(lambda: init_cache(config, batch, prompt + new)))
+    cache_bytes = _tree_bytes(jax.eval_shape(lambda: init_cache(config, batch, prompt + new, params=params)))
     limit = (weight_bytes + cache_bytes) / devices / bandwidth["best"]
     return {
         "case": "decode", "model": model, "dtype": dtype, "weights": weights, "batch": batch, "prompt": prompt,
@@ -325,7 +327,7 @@ def case_decode(model: str, dtype: str, batch: int, prompt: int, new: int, repea
     }
 
 
-def case_profile(model: str, dtype: str, batch: int, prompt: int, new: int, layout: str = "unstacked",
+def case_profile(model: str, dtype: str, batch: int, prompt: int, new: int, layout: str = "per_layer",
                  mesh: str | None = None, weights: str = "float", hlo_dir: str | None = None,
                  vocab: str = "replicated", attention: str = "auto") -> dict:
     """Where one compiled decode chunk spends its time: GPU kernels per token (see `profile_kernels`).
@@ -335,7 +337,7 @@ def case_profile(model: str, dtype: str, batch: int, prompt: int, new: int, layo
     import jax
     import numpy as np
 
-    from pangu_jax.generate import start as start_generation
+    from pangu_jax.decoding import start as start_generation
 
     config, params = _device_model(model, dtype, layout, mesh, weights, vocab, attention)
     prompts = np.random.default_rng(0).integers(10, config.vocab_size, (batch, prompt)).tolist()
@@ -343,10 +345,7 @@ def case_profile(model: str, dtype: str, batch: int, prompt: int, new: int, layo
     run.decode(to_end=False)  # compile
     jax.block_until_ready(run.state)
     if hlo_dir:
-        from pangu_jax.generate import _decode
-
-        lowered = _decode.lower(config, params, run.state, sampler=run.sampler, stop_ids=run.stop_ids,
-                                chunk=run.chunk, to_end=False)
+        lowered = run.lower_decode(to_end=False)
         name = f"decode-{model}-{dtype}-{weights}-b{batch}{'-' + mesh if mesh else ''}.hlo.txt"
         with open(os.path.join(hlo_dir, name), "w") as f:
             f.write(lowered.compile().as_text())
@@ -385,7 +384,7 @@ def case_ttft(model: str, dtype: str, prompt: int, cache_dir: str, via: str = "g
     return {**row, "new": new, "first_token_s": first, "last_token_s": time.perf_counter() - start}
 
 
-def case_memory(model: str, dtype: str, layout: str = "unstacked", weights: str = "float") -> dict:
+def case_memory(model: str, dtype: str, layout: str = "per_layer", weights: str = "float") -> dict:
     """Peak GPU memory of a batch-1 generation that fills all 1024 positions.
 
     Also the peak once the weights are made and after the prefill, and the
@@ -397,8 +396,7 @@ def case_memory(model: str, dtype: str, layout: str = "unstacked", weights: str 
     import jax
     import numpy as np
 
-    from pangu_jax.generate import _decode
-    from pangu_jax.generate import start as start_generation
+    from pangu_jax.decoding import start as start_generation
     from pangu_jax.model import prefill
 
     config, params = _device_model(model, dtype, layout, weights=weights)
@@ -413,8 +411,7 @@ def case_memory(model: str, dtype: str, layout: str = "unstacked", weights: str 
     peak = _peak_bytes()
     tokens = np.zeros((1, config.max_positions), np.int32)
     analysis = prefill.lower(config, params, tokens, tokens, config.max_positions + 64).compile().memory_analysis()
-    decode_analysis = _decode.lower(config, params, run.state, sampler=run.sampler, stop_ids=run.stop_ids,
-                                    chunk=run.chunk, to_end=True).compile().memory_analysis()
+    decode_analysis = run.lower_decode(to_end=True).compile().memory_analysis()
     original = ORIGINAL_MIB.get(f"{model}/{dtype}")
     return {"case": "memory", "model": model, "dtype": dtype, "weights": weights, "layout": layout,
             "context": config.max_positions,
@@ -436,7 +433,7 @@ def case_recompute(model: str, dtype: str, repeats: int) -> dict:
     return {"case": "recompute", "model": model, "dtype": dtype, "ms_per_token": seconds * 1e3}
 
 
-def case_prefill(model: str, dtype: str, repeats: int, layout: str = "unstacked") -> dict:
+def case_prefill(model: str, dtype: str, repeats: int, layout: str = "per_layer") -> dict:
     import jax.numpy as jnp
 
     from pangu_jax.model import prefill
@@ -540,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtypes", default="float16,bfloat16")
     p.add_argument("--batches", default="8,32,64")
     p.add_argument("--hf-batches", help="throughput table: batches for the HuggingFace baseline (default: --batches)")
-    p.add_argument("--layouts", default="unstacked", help="decode table: unstacked and/or stacked")
+    p.add_argument("--layouts", default="per_layer", help="decode table: per_layer and/or stacked")
     p.add_argument("--tensor", default="1,2,4", help="tensor-parallel table: mesh sizes")
     p.add_argument("--mesh", help="profile table: a mesh such as tensor=4")
     p.add_argument("--vocab", choices=["split", "replicated"], default="replicated",

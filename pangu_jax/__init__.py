@@ -13,11 +13,12 @@ _EXPORTS = {
     "Sampler": "sampling",
     "Tokenizer": "tokenizer",
     "forward": "model",
-    "generate": "generate",
-    "init_cache": "model",
+    "generate": "decoding",
+    "init_cache": "cache",
     "init_params": "model",
     "load_checkpoint": "checkpoints",
-    "stream": "generate",
+    "start": "decoding",
+    "stream": "decoding",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,7 +12,13 @@ import numpy as np
 ACTIVATIONS = ("gelu_tanh", "gelu_erf")
 WEIGHT_FORMATS = ("float", "int8")
 ATTENTION_KERNELS = ("auto", "cudnn", "explicit")
+DECODE_ATTENTION_KERNELS = ("auto", "pallas", "pallas_interpret", "cudnn", "explicit")
+MATVEC_FORMS = ("auto", "reduction", "einsum")
+LORA_TARGETS = ("query", "key", "value", "output", "up", "down")
+# Storage and compute dtypes (checkpoints, scripts); a model may also compute
+# in float64 (numerical checks; needs jax_enable_x64).
 DTYPES = ("float32", "bfloat16", "float16")
+MODEL_DTYPES = (*DTYPES, "float64")
 
 
 class ConfigError(ValueError):
@@ -32,8 +38,8 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-def dtype_name(dtype: Any, what: str = "dtype") -> str:
-    """The name in `DTYPES` of `dtype`, given as a name ("bfloat16"), a type (jnp.bfloat16, np.float16) or a dtype.
+def dtype_name(dtype: Any, what: str = "dtype", allowed: tuple[str, ...] = DTYPES) -> str:
+    """The name in `allowed` of `dtype`, given as a name ("bfloat16"), a type (jnp.bfloat16, np.float16) or a dtype.
 
     `what` names the argument in the error.
     """
@@ -41,8 +47,8 @@ def dtype_name(dtype: Any, what: str = "dtype") -> str:
         name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
     except TypeError:
         name = None
-    if name not in DTYPES:
-        raise ConfigError(f"{what} must be one of {', '.join(DTYPES)} (a name or a dtype), got {dtype!r}")
+    if name not in allowed:
+        raise ConfigError(f"{what} must be one of {', '.join(allowed)} (a name or a dtype), got {dtype!r}")
     return name
 
 
@@ -58,13 +64,27 @@ class PanguConfig:
     `weights` is "float" (matrices stored in `param_dtype`) or "int8":
     weight-only int8 with one float32 scale per output channel for every
     block matrix and the embedding/head (see `pangu_jax.quantize`).
-    `attention` picks how attention is computed on a GPU in 16 bits: "auto"
-    runs a prompt's attention as cuDNN's fused kernel (head_dim a multiple
-    of 8 up to 128) and a decode step's as our Pallas kernel
-    (`pangu_jax.decode_attention`, which also writes the new key and value
-    into the cache and reads only the written slots); "cudnn" uses cuDNN for both; "explicit" computes the scores and
-    softmax with einsums, as on CPU always (the path to study or compare
-    against).
+
+    Which kernel computes what is chosen here too, each "auto" by default,
+    which `resolved()` turns into the choice for the backend (once, at
+    trace time; a script prints it):
+    `attention`, the attention of several tokens at once (a prompt, a
+    training row): "cudnn", cuDNN's fused kernel (auto on a GPU in 16 bits
+    for a head_dim that is a multiple of 8 up to 128), or "explicit",
+    einsums and a softmax (auto elsewhere; the path to study or compare
+    against). `decode_attention`, one new token against the cache:
+    "pallas", our kernel (`kernels.decode_attention`: it also writes the
+    new key and value into the cache and reads only the written slots;
+    auto on a GPU in 16 bits), "pallas_interpret", the same kernel through
+    Pallas's interpreter (any backend, slowly: for tests), "cudnn" or
+    "explicit" (auto elsewhere). `matvec`, the products of a single row
+    (`products`): "reduction", summed along the matrix's rows (auto on a
+    GPU), or "einsum" (auto elsewhere).
+
+    `lora_rank` > 0 adds low-rank adapters to the `lora_targets` matrices of
+    every block (each W becomes W + (lora_alpha / lora_rank) B A, with A
+    [rank, in] and B [out, rank], B starting at zero), as parameters
+    `<matrix>_lora_a` and `_lora_b` beside the matrix (`train.lora`).
     """
 
     vocab_size: int = 40000
@@ -79,6 +99,11 @@ class PanguConfig:
     dtype: str = "float32"
     weights: str = "float"
     attention: str = "auto"
+    decode_attention: str = "auto"
+    matvec: str = "auto"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("query", "value")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_heads", "ffn_size", "max_positions"):
@@ -105,10 +130,43 @@ class PanguConfig:
             )
         if self.weights not in WEIGHT_FORMATS:
             raise ConfigError(f"PanguConfig.weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
-        if self.attention not in ATTENTION_KERNELS:
-            raise ConfigError(f"PanguConfig.attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
+        for name, allowed in (("attention", ATTENTION_KERNELS), ("decode_attention", DECODE_ATTENTION_KERNELS),
+                              ("matvec", MATVEC_FORMS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"PanguConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
+            raise ConfigError(f"PanguConfig.lora_rank must be an integer >= 0 (0: no adapters), got {self.lora_rank!r}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"PanguConfig.lora_alpha must be positive, got {self.lora_alpha!r}")
+        targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
+        if not targets or any(t not in LORA_TARGETS for t in targets):
+            raise ConfigError(f"PanguConfig.lora_targets must be some of {LORA_TARGETS}, got {self.lora_targets!r}")
+        object.__setattr__(self, "lora_targets", targets)  # a JSON list becomes a tuple again
         for name in ("param_dtype", "dtype"):  # stored by name, whatever form was given
-            object.__setattr__(self, name, dtype_name(getattr(self, name), f"PanguConfig.{name}"))
+            object.__setattr__(self, name, dtype_name(getattr(self, name), f"PanguConfig.{name}", MODEL_DTYPES))
+
+    def resolved(self, backend: str | None = None) -> PanguConfig:
+        """This config with each "auto" kernel replaced by the one that runs on `backend` (default: JAX's).
+
+        Also checks that a float64 model has float64 to run in.
+        """
+        import jax
+
+        backend = jax.default_backend() if backend is None else backend
+        if "float64" in (self.dtype, self.param_dtype) and not jax.config.jax_enable_x64:
+            raise ConfigError("a float64 PanguConfig needs 64-bit JAX: jax.config.update('jax_enable_x64', True) "
+                              "before making any array")
+        gpu16 = backend == "gpu" and self.dtype in ("bfloat16", "float16")
+        choices = {
+            "attention": "cudnn" if gpu16 and self.head_dim % 8 == 0 and self.head_dim <= 128 else "explicit",
+            "decode_attention": "pallas" if gpu16 else "explicit",
+            "matvec": "reduction" if backend == "gpu" else "einsum",
+        }
+        return self.replace(**{name: choice for name, choice in choices.items() if getattr(self, name) == "auto"})
+
+    def kernels(self) -> str:
+        """The kernel choices in words, e.g. for a script's first line: "attention cudnn, decode pallas, ..."."""
+        return f"attention {self.attention}, decode attention {self.decode_attention}, products {self.matvec}"
 
     @property
     def head_dim(self) -> int:
@@ -126,6 +184,11 @@ class PanguConfig:
     @property
     def jnp_param_dtype(self):
         return numpy_dtype(self.param_dtype)
+
+    @property
+    def accum_dtype(self):
+        """What LayerNorm, softmax and the residual stream compute in: float32, or float64 for a float64 model."""
+        return np.dtype(np.float64 if self.dtype == "float64" else np.float32)
 
     def replace(self, **changes: Any) -> PanguConfig:
         return dataclasses.replace(self, **changes)

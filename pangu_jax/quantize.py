@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import PanguConfig
-from .model import Params, is_unstacked
+from .layouts import Params, is_per_layer
 
 # Each quantized matrix -> the dims of its output channels (in the per-layer shape).
 BLOCK_MATRICES: dict[tuple[str, str], tuple[int, ...]] = {
@@ -67,7 +67,7 @@ def _quantize_block(block: dict, stacked: bool) -> dict:
 
 
 def quantize_params(config: PanguConfig, params: Params) -> tuple[PanguConfig, Params]:
-    """The int8 config and parameters of a float model (stacked or unstacked, numpy or device arrays).
+    """The int8 config and parameters of a float model (stacked or per layer, numpy or device arrays).
 
     Device arrays are quantized leaf by leaf under jit; numpy arrays on the
     host, so a model too big for the device can be quantized before it is
@@ -78,7 +78,7 @@ def quantize_params(config: PanguConfig, params: Params) -> tuple[PanguConfig, P
     out = dict(params)
     word, word_scale = quantize_matrix(params["word_embedding"], (0,))
     out["word_embedding"], out["word_embedding_scale"] = word, word_scale
-    if is_unstacked(params):
+    if is_per_layer(params):
         out["blocks"] = {i: _quantize_block(layer, False) for i, layer in params["blocks"].items()}
     else:
         out["blocks"] = _quantize_block(params["blocks"], True)

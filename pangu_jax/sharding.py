@@ -5,9 +5,9 @@ cache and the token batch use "batch", "length", "heads" and "kv". `RULES`
 says which mesh axis splits each: the batch over `data`, and tensor
 parallelism in the Megatron manner over `tensor` (query/key/value and FFN up
 split by output columns, the attention output and FFN down by input rows),
-the embedding and tied head replicated: measured on 4 H100s, 13B decodes at
-5.44 ms/token so against 6.60 ms with them split over the vocabulary, whose
-gather and logits cost extra collectives every token. `RULES_SPLIT_VOCAB`
+the embedding and tied head replicated: split over the vocabulary, their
+gather and logits cost extra collectives every token, which decoding feels
+(benchmarks/README.md). `RULES_SPLIT_VOCAB`
 splits them (a quarter of their memory per device at tensor=4, and the head's
 matmul shared: the choice for long prefills and training). Anything unnamed
 is replicated. XLA's sharding propagation derives the activations' layout and
@@ -26,12 +26,14 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from .cache import Cache
 from .config import PanguConfig
-from .model import Cache, Params, is_unstacked, param_logical_axes
+from .layouts import Params, is_per_layer
+from .model import param_logical_axes
 
 Rules = Sequence[tuple[str, str | None]]
 
-MESH_AXES = ("data", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor")
 
 RULES: Rules = (
     ("batch", "data"),
@@ -46,6 +48,22 @@ RULES: Rules = (
 
 # The embedding and head split over the vocabulary instead of replicated.
 RULES_SPLIT_VOCAB: Rules = tuple((a, "tensor") if a == "vocab" else (a, m) for a, m in RULES)
+
+# Training (fully sharded data parallel on `fsdp`, as MaxText does): the batch
+# over `data` and `fsdp`, every parameter's embedding dimension over `fsdp`
+# (each layer's weights gathered when it runs), heads, the FFN and the
+# vocabulary over `tensor`; the optimizer state follows the parameters.
+TRAIN_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("kv", None),
+    ("layers", None),
+    ("length", None),
+    ("lora", None),
+)
 
 
 def parse_mesh_shape(text: str) -> dict[str, int]:
@@ -65,10 +83,11 @@ def parse_mesh_shape(text: str) -> dict[str, int]:
 
 
 def make_mesh(shape: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "tensor") mesh; axes left out have size 1.
+    """A ("data", "fsdp", "tensor") mesh; axes left out have size 1.
 
     `shape` is "data=2,tensor=4", a dict, or None for tensor parallel over
-    every device. The mesh takes the first data x tensor devices.
+    every device (decoding's choice; training's is fsdp). The mesh takes the
+    first data x fsdp x tensor devices.
     """
     devices = list(jax.devices() if devices is None else devices)
     if shape is None:
@@ -107,10 +126,12 @@ def check_mesh(config: PanguConfig, mesh: Mesh, rules: Rules = RULES) -> None:
             "build the mesh with pangu_jax.sharding.make_mesh, or pass "
             "axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names)"
         )
-    unknown = sorted({m for _, m in rules if m is not None} - set(mesh.axis_names))
+    named = {axis for _, m in rules for axis in ((m,) if isinstance(m, str) else m or ())}
+    unknown = sorted(named - set(mesh.axis_names))
     if unknown:
         raise ValueError(f"rules name mesh axes {unknown}, but the mesh has {list(mesh.axis_names)}; pass rules for it")
-    sizes = {"heads": config.num_heads, "mlp": config.ffn_size, "vocab": config.vocab_size}
+    sizes = {"heads": config.num_heads, "mlp": config.ffn_size, "vocab": config.vocab_size,
+             "embed": config.hidden_size}
     for logical, size in sizes.items():
         axis = _mesh_axis(rules, logical)
         if axis is not None and size % mesh.shape[axis]:
@@ -126,23 +147,29 @@ def logical_sharding(mesh: Mesh, axes: Sequence[str | None], rules: Rules = RULE
     return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), rules))
 
 
-def param_shardings(config: PanguConfig, mesh: Mesh, *, unstacked: bool = False, rules: Rules = RULES) -> Params:
-    """A NamedSharding for every parameter, in the tree's layout."""
+def param_shardings(config: PanguConfig, mesh: Mesh, *, rules: Rules = RULES) -> Params:
+    """A NamedSharding for every (stacked) parameter."""
     check_mesh(config, mesh, rules)
-    specs = param_logical_axes(config, unstacked=unstacked)
-    return jax.tree.map(
-        lambda spec: logical_sharding(mesh, tuple(spec), rules), specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+    return jax.tree.map(lambda spec: logical_sharding(mesh, tuple(spec), rules), param_logical_axes(config),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def shardings_like(config: PanguConfig, mesh: Mesh, params: Params, rules: Rules = RULES) -> Params:
+    """A NamedSharding for every leaf of `params` (arrays or shapes, stacked or per layer) by the rules."""
+    shardings = param_shardings(config, mesh, rules=rules)
+    if is_per_layer(params):  # each layer split as its stacked leaf is, less the layers axis
+        layer = jax.tree.map(lambda s: NamedSharding(mesh, PartitionSpec(*s.spec[1:])), shardings["blocks"])
+        shardings = {**shardings, "blocks": {name: layer for name in params["blocks"]}}
+    return shardings
 
 
 def shard_params(config: PanguConfig, params: Params, mesh: Mesh, rules: Rules = RULES) -> Params:
-    """Place `params` (stacked or unstacked) on `mesh` by the rules."""
-    return jax.device_put(params, param_shardings(config, mesh, unstacked=is_unstacked(params), rules=rules))
+    """Place `params` (stacked or per layer) on `mesh` by the rules."""
+    return jax.device_put(params, shardings_like(config, mesh, params, rules))
 
 
 def cache_shardings(mesh: Mesh, cache: Cache, rules: Rules = RULES) -> Cache:
-    """Shardings for a cache (stacked or unstacked): batch over data, heads over tensor."""
+    """Shardings for a cache (stacked or per layer): batch over data, heads over tensor."""
     kv = ("batch", "length", "heads", "kv")
 
     def place(axes):

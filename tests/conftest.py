@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -14,6 +16,11 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# Eight CPU devices, for the tests on a mesh (tests/test_sharding.py): set
+# before anything imports JAX; flags a caller gave are kept.
+if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 
 
 def load_script(relative: str):
@@ -64,14 +71,46 @@ def tree_snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*"))}
 
 
-def interpreted_kernels() -> dict:
-    """`model`'s GPU decode kernel forced on and run by Pallas's interpreter (CPU), as {attribute: value}."""
-    import functools
+def primitive_counts(fn, *args) -> collections.Counter:
+    """How often each primitive appears in the jaxpr of `fn(*args)`, nested jaxprs included."""
+    import jax
+    import jax.extend
 
-    from pangu_jax.decode_attention import decode_attention
+    counts = collections.Counter()
 
-    return {"_decode_kernel": lambda config: True,
-            "decode_attention": functools.partial(decode_attention, interpret=True)}
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            counts[eqn.primitive.name] += 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return counts
+
+
+@contextlib.contextmanager
+def compiled_programs():
+    """The names of the programs JAX compiles inside the block (from `jax.log_compiles`' log), as a list."""
+    import logging
+    import re
+
+    import jax
+
+    names: list[str] = []
+
+    class Listen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = re.match(r"Finished XLA compilation of jit\((.*?)\) in", record.getMessage())
+            if found:
+                names.append(found.group(1))
+
+    handler, logger = Listen(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            yield names
+    finally:
+        logger.removeHandler(handler)
 
 
 def load_json(name: str):

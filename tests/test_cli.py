@@ -88,7 +88,7 @@ def test_an_offline_first_run_says_to_pass_the_vocabulary(cli, tmp_path, capsys,
     monkeypatch.setenv("PANGU_JAX_CACHE", str(tmp_path))
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     assert cli(["--prompt", "你好", "--no-compilation-cache"]) == 1
-    assert_one_error_line(capsys.readouterr().err, "downloading it from PyPI failed", "--vocab")
+    assert_one_error_line(capsys.readouterr().err, "from pcl-pangu==1.2.6.2 (bdist_wheel) failed", "--vocab")
 
 
 def test_an_unwritable_compilation_cache_warns_and_goes_on(cli, vocab_path, tmp_path, capsys):

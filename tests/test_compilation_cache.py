@@ -62,8 +62,9 @@ _COMPILED = r"""
 import logging, re
 import jax
 from pangu_jax import PanguConfig, generate, init_params, stream
+from pangu_jax.layouts import per_layer
 config = PanguConfig.preset("tiny")
-params = jax.block_until_ready(init_params(config, 0))
+params = jax.block_until_ready(per_layer(init_params(config, 0)))  # as infer/generate.py lays them out
 names = []
 
 class Compiled(logging.Handler):

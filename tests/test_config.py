@@ -57,9 +57,11 @@ def test_json_round_trip(name, tmp_path):
         (dict(vocab_size=0), "vocab_size must be a positive integer"),
         (dict(num_layers=1), "num_layers counts the top query layer"),
         (dict(activation="relu"), "activation must be one of"),
-        (dict(dtype="float64"), "dtype must be one of"),
+        (dict(dtype="int8"), "dtype must be one of float32, bfloat16, float16, float64"),
         (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon must be positive"),
         (dict(attention="flash"), r"attention must be one of \('auto', 'cudnn', 'explicit'\)"),
+        (dict(decode_attention="flash"), r"decode_attention must be one of \('auto', 'pallas', 'pallas_interpret'"),
+        (dict(matvec="gemv"), r"matvec must be one of \('auto', 'reduction', 'einsum'\)"),
     ],
 )
 def test_invalid_configs_are_refused_with_a_clear_message(changes, message):
@@ -72,3 +74,43 @@ def test_unknown_preset_and_unknown_json_field():
         PanguConfig.preset("7B")
     with pytest.raises(ConfigError, match=r"unknown PanguConfig field\(s\) \['hidden'\]"):
         PanguConfig.from_dict({"hidden": 3})
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_auto_kernels_resolve_for_the_backend(dtype):
+    config = PanguConfig.preset("2.6B", dtype=dtype)  # head_dim 80
+    sixteen = dtype != "float32"
+    gpu = config.resolved("gpu")
+    assert (gpu.attention, gpu.decode_attention, gpu.matvec) == (
+        ("cudnn", "pallas", "reduction") if sixteen else ("explicit", "explicit", "reduction"))
+    cpu = config.resolved("cpu")
+    assert (cpu.attention, cpu.decode_attention, cpu.matvec) == ("explicit", "explicit", "einsum")
+    assert cpu.kernels() == "attention explicit, decode attention explicit, products einsum"
+    assert config.resolved("gpu").resolved("cpu") == config.resolved("gpu")  # chosen kernels stay chosen
+    chosen = config.replace(attention="explicit", decode_attention="cudnn", matvec="einsum")
+    assert chosen.resolved("gpu") == chosen
+
+
+@pytest.mark.parametrize("hidden, heads, fused", [(84, 2, False), (544, 2, False), (160, 2, True)])
+def test_cudnn_attention_is_chosen_only_for_the_head_sizes_it_takes(hidden, heads, fused):
+    config = PanguConfig.preset("tiny", hidden_size=hidden, num_heads=heads, dtype="bfloat16")
+    resolved = config.resolved("gpu")  # head_dim 42 and 272: not a multiple of 8, or over 128
+    assert (resolved.attention == "cudnn") == fused and resolved.decode_attention == "pallas"
+
+
+def test_dtypes_are_taken_as_names_or_dtypes():
+    import jax.numpy as jnp
+    import numpy as np
+
+    for given in ("bfloat16", jnp.bfloat16, jnp.dtype("bfloat16")):
+        assert PanguConfig.preset("tiny", dtype=given).dtype == "bfloat16"
+    assert PanguConfig.preset("tiny", param_dtype=np.float16).param_dtype == "float16"
+    with pytest.raises(ConfigError, match="PanguConfig.dtype must be one of"):
+        PanguConfig.preset("tiny", dtype=np.int32)
+
+
+def test_a_float64_model_needs_64_bit_jax():
+    config = PanguConfig.preset("tiny", dtype="float64", param_dtype="float64")
+    if not jax.config.jax_enable_x64:
+        with pytest.raises(ConfigError, match="jax_enable_x64"):
+            config.resolved()

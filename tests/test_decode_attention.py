@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pangu_jax import generate, load_checkpoint, model
-from pangu_jax.decode_attention import _splits, decode_attention
+from pangu_jax import generate, load_checkpoint
+from pangu_jax.kernels.decode_attention import decode_attention, splits_per_head
+from pangu_jax.layouts import per_layer
 
-from .conftest import FIXTURES, interpreted_kernels
+from .conftest import FIXTURES
 
 
 def _explicit(q, keys, values, key_positions, query_positions, scale):
@@ -87,10 +88,10 @@ def test_kernel_without_biases_and_an_index_past_the_end_writes_the_last_slot(sl
 
 
 def test_long_caches_split_over_programs_only_when_rows_and_heads_are_few():
-    assert _splits(1, 144, 32) == 1  # short cache: one program per (row, head)
-    assert _splits(1, 1024, 32) == 16  # one per block of 64 slots
-    assert _splits(4, 1024, 32) == 8
-    assert _splits(32, 1024, 32) == 1  # 1024 programs already
+    assert splits_per_head(1, 144, 32) == 1  # short cache: one program per (row, head)
+    assert splits_per_head(1, 1024, 32) == 16  # one per block of 64 slots
+    assert splits_per_head(4, 1024, 32) == 8
+    assert splits_per_head(32, 1024, 32) == 1  # 1024 programs already
 
 
 @pytest.mark.parametrize("qkv", [np.zeros((2, 2, 2, 8)), (np.zeros((2, 2, 8)),) * 2, (np.zeros((2, 2, 4)),) * 3])
@@ -121,17 +122,10 @@ def test_kernel_keeps_bfloat16_and_rounds_the_new_key_to_the_cache_dtype():
 
 @pytest.mark.parametrize("prompts", [[[31, 47, 320, 155], [5, 9], [77, 78, 79, 80, 81, 82, 83, 84, 85]],
                                      [[77, 78, 79, 80, 81, 82, 83, 84, 85]]], ids=["batch-3-stacked", "batch-1-three"])
-def test_greedy_decoding_through_the_kernel_equals_the_explicit_path(monkeypatch, prompts):
+def test_greedy_decoding_through_the_kernel_equals_the_explicit_path(prompts):
     """The model's decode steps through the kernel (prefill explicit, as on CPU): same tokens."""
     config, params = load_checkpoint(FIXTURES / "tiny_fp32.ckpt")
-    params = model.unstack_layers(params)
+    params = per_layer(params)
     want = generate(config, params, prompts, 8, temperature=0, stop_ids=())
-    for name, value in interpreted_kernels().items():
-        monkeypatch.setattr(model, name, value)
-    jax.clear_caches()
-    try:
-        got = generate(config.replace(attention="auto"), params, prompts, 8, temperature=0, stop_ids=())
-    finally:
-        jax.clear_caches()
-    assert got == want
-
+    assert generate(config.replace(decode_attention="pallas_interpret"), params, prompts, 8, temperature=0,
+                    stop_ids=()) == want

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pangu_jax import Sampler, forward, generate
-from tests.conftest import load_json
+from pangu_jax.decoding import CHUNK, Generation, start, stream
+from tests.conftest import compiled_programs, load_json
 
 GREEDY = load_json("expected_greedy.json")["results"]
 
@@ -133,8 +132,6 @@ def test_each_row_samples_with_its_own_seed(tiny_fp32):
 
 @pytest.mark.parametrize("count", [40, 5, 17])  # several chunks; one, longer than needed; one, just enough
 def test_streaming_hands_out_the_same_tokens_chunk_by_chunk(tiny_fp32, count):
-    from pangu_jax.generate import CHUNK, stream
-
     config, params = tiny_fp32
     prompts = [GREEDY[0]["prompt"], GREEDY[1]["prompt"][:2]]
     kwargs = dict(top_k=5, seed=[3, 4], stop_ids=(98,))
@@ -147,13 +144,11 @@ def test_streaming_hands_out_the_same_tokens_chunk_by_chunk(tiny_fp32, count):
 @pytest.mark.parametrize("counts, steps", [((20, 50), 50), ((3, 9), 9)])
 def test_decoding_runs_no_step_past_the_rows_limits(tiny_fp32, counts, steps):
     """Rows with limits of 20 and 50 new tokens (or 3 and 9) take 50 (9) steps, not a whole last chunk more."""
-    from pangu_jax.generate import start
-
     config, params = tiny_fp32
     near_end = [5] * (config.max_positions - counts[0])  # room for counts[0] new tokens only
     run = start(config, params, [near_end, [5, 6, 7]], counts[1], temperature=0, stop_ids=())
     run.decode(to_end=True)
-    assert int(run.state["step"]) == steps
+    assert int(run.state.step) == steps
     assert [len(row) for row in run.tokens()] == list(counts)
 
 
@@ -161,8 +156,6 @@ def test_decoding_runs_no_step_past_the_rows_limits(tiny_fp32, counts, steps):
 def test_a_stream_chunk_stops_when_every_row_is_done(tiny_fp32, counts, first):
     """After the prefill's token, a chunk runs at most CHUNK steps and stops when every row is done (the
     step counter reads `first` after one chunk): the last runs only the steps left, a chunk after it none."""
-    from pangu_jax.generate import CHUNK, start
-
     config, params = tiny_fp32
     near_end = [5] * (config.max_positions - counts[-1])  # room for counts[-1] new tokens only
     prompts = [[5, 6, 7], near_end][: len(counts)]
@@ -170,18 +163,17 @@ def test_a_stream_chunk_stops_when_every_row_is_done(tiny_fp32, counts, first):
     steps = []
     for _ in range(3):
         run.decode(to_end=False)
-        steps.append(int(run.state["step"]))
+        steps.append(int(run.state.step))
     assert CHUNK == 16 and steps == [first, max(counts), max(counts)]
     assert run.tokens() == generate(config, params, prompts, counts[0], temperature=0, stop_ids=())
 
 
 def test_generate_hands_the_decode_to_the_device_without_reading_the_prefill_first(tiny_fp32, monkeypatch):
-    gen = importlib.import_module("pangu_jax.generate")
     config, params = tiny_fp32
     events = []
-    decode, finished = gen._Run.decode, gen._Run.finished
-    monkeypatch.setattr(gen._Run, "decode", lambda run, to_end: (events.append("decode"), decode(run, to_end))[1])
-    monkeypatch.setattr(gen._Run, "finished", lambda run, *a: (events.append("read"), finished(run, *a))[1])
+    decode, finished = Generation.decode, Generation.finished
+    monkeypatch.setattr(Generation, "decode", lambda run, to_end: (events.append("decode"), decode(run, to_end))[1])
+    monkeypatch.setattr(Generation, "finished", lambda run, *a: (events.append("read"), finished(run, *a))[1])
     prompt = [GREEDY[0]["prompt"]]
     assert generate(config, params, prompt, 6, temperature=0, stop_ids=())[0] == GREEDY[0]["new_tokens"][:6]
     assert events == ["decode"]
@@ -193,12 +185,11 @@ def test_generate_hands_the_decode_to_the_device_without_reading_the_prefill_fir
 
 
 def test_streaming_dispatches_each_chunk_before_handing_out_the_last(tiny_fp32, monkeypatch):
-    gen = importlib.import_module("pangu_jax.generate")  # the module, not the function of that name
     config, params = tiny_fp32
     events = []
-    decode = gen._Run.decode
-    monkeypatch.setattr(gen._Run, "decode", lambda run, to_end: (events.append("decode"), decode(run, to_end))[1])
-    for _ in gen.stream(config, params, [GREEDY[0]["prompt"]], 40, temperature=0, stop_ids=()):
+    decode = Generation.decode
+    monkeypatch.setattr(Generation, "decode", lambda run, to_end: (events.append("decode"), decode(run, to_end))[1])
+    for _ in stream(config, params, [GREEDY[0]["prompt"]], 40, temperature=0, stop_ids=()):
         events.append("yield")
     # The prefill's token is handed out before a decode program is needed;
     # after it the device works on the next chunk while the caller holds the
@@ -208,29 +199,27 @@ def test_streaming_dispatches_each_chunk_before_handing_out_the_last(tiny_fp32, 
     assert decodes > 1
     # One new token is the prefill's: no decode at all.
     events.clear()
-    for _ in gen.stream(config, params, [GREEDY[0]["prompt"]], 1, temperature=0, stop_ids=()):
+    for _ in stream(config, params, [GREEDY[0]["prompt"]], 1, temperature=0, stop_ids=()):
         events.append("yield")
     assert events == ["yield"]
 
 
 @pytest.mark.parametrize("counts", [(20, 30), (2, 5, 9, 16)])  # room for 64 new tokens; for 32
 def test_another_token_count_in_the_same_bucket_reuses_the_compiled_programs(tiny_fp32, counts):
-    gen = importlib.import_module("pangu_jax.generate")
     config, params = tiny_fp32
     prompt = [GREEDY[0]["prompt"]]
-    first = generate(config, params, prompt, counts[0], temperature=0, stop_ids=())
-    compiled = gen._prefill._cache_size(), gen._decode._cache_size()
-    for count in counts[1:]:
-        more = generate(config, params, prompt, count, temperature=0, stop_ids=())
-        assert (gen._prefill._cache_size(), gen._decode._cache_size()) == compiled
-        assert len(more[0]) == count and more[0][:counts[0]] == first[0]
 
     def joined(count: int) -> list[int]:
-        return sum((chunk[0] for chunk in gen.stream(config, params, prompt, count, temperature=0, stop_ids=())), [])
+        return sum((chunk[0] for chunk in stream(config, params, prompt, count, temperature=0, stop_ids=())), [])
 
+    first = generate(config, params, prompt, counts[0], temperature=0, stop_ids=())
     assert joined(counts[0]) == first[0]
-    streaming = gen._decode_until_done._cache_size()  # the stream's chunk (if no earlier test compiled it)
-    assert joined(counts[1]) == more[0][:counts[1]] and gen._decode_until_done._cache_size() == streaming
+    with compiled_programs() as compiled:
+        for count in counts[1:]:
+            more = generate(config, params, prompt, count, temperature=0, stop_ids=())
+            assert len(more[0]) == count and more[0][:counts[0]] == first[0]
+            assert joined(count) == more[0]
+    assert compiled == []
 
 
 def test_repetition_penalty_must_be_positive():

@@ -1,4 +1,4 @@
-"""Per-layer (unstacked) parameters, the fresh-cache prefill, and int8 weights."""
+"""Per-layer parameters, the fresh-cache prefill, one-row products and int8 weights."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from pangu_jax import PanguConfig, forward, generate, init_cache, load_checkpoint
-from pangu_jax.model import (
-    REDUCTION_ROWS, _dot, abstract_params, hidden_states, init_params, is_unstacked, param_logical_axes,
-    prefill, stack_layers, unstack_layers,
-)
+from pangu_jax.layouts import is_per_layer, per_layer, stacked
+from pangu_jax.model import abstract_params, hidden_states, init_params, prefill
+from pangu_jax.products import dot
 from pangu_jax.quantize import quantize_matrix, quantize_params
-from tests.conftest import FIXTURES
+from pangu_jax.sharding import make_mesh, shardings_like
+from tests.conftest import FIXTURES, primitive_counts
 
 
 def _same(a, b) -> bool:
@@ -22,22 +22,32 @@ def _same(a, b) -> bool:
         np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_unstacking_round_trips_and_matches_the_unstacked_shapes(tiny_fp32):
+def test_per_layer_and_stacked_round_trip(tiny_fp32):
     config, params = tiny_fp32
-    layers = unstack_layers(params)
-    assert is_unstacked(layers) and not is_unstacked(params)
+    layers = per_layer(params)
+    assert is_per_layer(layers) and not is_per_layer(params)
     assert sorted(layers["blocks"]) == [str(i) for i in range(config.num_blocks)]
-    assert _same(stack_layers(layers), params)
-    assert unstack_layers(layers) is layers
-    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(config, unstacked=True))
+    assert _same(stacked(layers), params) and _same(per_layer(stacked(layers)), layers)
+    assert per_layer(layers) is layers and stacked(params) is params
+    on_host = jax.tree.map(np.asarray, params)
+    assert _same(stacked(per_layer(on_host)), on_host)
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), jax.eval_shape(per_layer, abstract_params(config)))
     assert shapes == jax.tree.map(lambda a: (a.shape, a.dtype), layers)
-    axes = param_logical_axes(config, unstacked=True)
-    assert tuple(axes["blocks"]["0"]["attention"]["query_kernel"]) == ("heads", "kv", "embed")
+    specs = shardings_like(config, make_mesh("tensor=1"), layers)
+    assert tuple(specs["blocks"]["0"]["attention"]["query_kernel"].spec) == ("tensor", None, None)
 
 
-def test_unstacked_parameters_compute_the_same_model(tiny_fp32, sequences):
+def test_freeing_the_stacked_arrays_while_splitting_them(tiny_fp32):
     config, params = tiny_fp32
-    layers = unstack_layers(params)
+    copy = jax.tree.map(jnp.copy, params)
+    layers = per_layer(copy, free_stacked=True)
+    assert copy["blocks"]["mlp"]["up_kernel"].is_deleted() and not copy["word_embedding"].is_deleted()
+    assert _same(layers, per_layer(params))
+
+
+def test_per_layer_parameters_compute_the_same_model(tiny_fp32, sequences):
+    config, params = tiny_fp32
+    layers = per_layer(params)
     tokens = jnp.asarray([sequences[0]])
     np.testing.assert_allclose(forward(config, layers, tokens)[0], forward(config, params, tokens)[0], atol=1e-6)
     want, got = hidden_states(config, params, tokens), hidden_states(config, layers, tokens)
@@ -48,12 +58,12 @@ def test_unstacked_parameters_compute_the_same_model(tiny_fp32, sequences):
         config, params, prompts, 8, temperature=0, stop_ids=())
 
 
-def test_unstacked_cache_decodes_like_the_full_forward(tiny_fp32):
+def test_a_per_layer_cache_decodes_like_the_full_forward(tiny_fp32):
     config, params = tiny_fp32
-    layers = unstack_layers(params)
+    layers = per_layer(params)
     seq = np.random.default_rng(3).integers(0, config.vocab_size, 12)
     full = forward(config, params, jnp.asarray([seq]))[0][0]
-    cache = init_cache(config, 1, 16, unstacked=True)
+    cache = init_cache(config, 1, 16, params=layers)
     assert isinstance(cache["blocks"], tuple) and len(cache["blocks"]) == config.num_blocks
     logits, cache = forward(config, layers, jnp.asarray([seq[:5]]), cache=cache)
     steps = [logits[0]]
@@ -63,11 +73,11 @@ def test_unstacked_cache_decodes_like_the_full_forward(tiny_fp32):
     np.testing.assert_allclose(jnp.concatenate(steps), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("unstacked", [False, True])
-def test_a_cache_keeps_its_own_dtype(tiny_fp32, unstacked):
+@pytest.mark.parametrize("layout", [stacked, per_layer])
+def test_a_cache_keeps_its_own_dtype(tiny_fp32, layout):
     config, params = tiny_fp32
-    params = unstack_layers(params) if unstacked else params
-    cache = init_cache(config, 1, 8, jnp.bfloat16, unstacked=unstacked)
+    params = layout(params)
+    cache = init_cache(config, 1, 8, jnp.bfloat16, params=params)
     logits, cache = forward(config, params, jnp.asarray([[5, 6, 7]]), cache=cache)
     _, cache = forward(config, params, jnp.asarray([[8]]), cache=cache)
     assert {x.dtype for x in jax.tree.leaves((cache["blocks"], cache["top"]))} == {jnp.dtype(jnp.bfloat16)}
@@ -76,26 +86,27 @@ def test_a_cache_keeps_its_own_dtype(tiny_fp32, unstacked):
 
 def test_a_cache_of_the_other_layout_is_refused(tiny_fp32):
     config, params = tiny_fp32
-    with pytest.raises(ValueError, match=r"parameters are unstacked but the cache is not.*unstacked=True"):
-        forward(config, unstack_layers(params), jnp.ones((1, 2), jnp.int32), cache=init_cache(config, 1, 4))
-    with pytest.raises(ValueError, match=r"parameters are stacked but the cache is not.*unstacked=False"):
-        forward(config, params, jnp.ones((1, 2), jnp.int32), cache=init_cache(config, 1, 4, unstacked=True))
+    layers = per_layer(params)
+    with pytest.raises(ValueError, match=r"blocks are per layer but the cache's are not.*params=params"):
+        forward(config, layers, jnp.ones((1, 2), jnp.int32), cache=init_cache(config, 1, 4))
+    with pytest.raises(ValueError, match=r"blocks are stacked but the cache's are not.*params=params"):
+        forward(config, params, jnp.ones((1, 2), jnp.int32), cache=init_cache(config, 1, 4, params=layers))
 
 
-@pytest.mark.parametrize("unstacked", [False, True])
-def test_prefill_equals_forward_into_an_empty_cache(tiny_fp32, unstacked):
+@pytest.mark.parametrize("layout", [stacked, per_layer])
+def test_prefill_equals_forward_into_an_empty_cache(tiny_fp32, layout):
     config, params = tiny_fp32
-    params = unstack_layers(params) if unstacked else params
+    params = layout(params)
     tokens = jnp.asarray([[6, 6, 31, 47, 320], [5, 9, 11, 13, 17]], jnp.int32)
     positions = jnp.asarray([[-1, -1, 0, 1, 2], [0, 1, 2, 3, 4]], jnp.int32)
-    want_logits, want_cache = forward(config, params, tokens, positions, init_cache(config, 2, 8, unstacked=unstacked))
+    want_logits, want_cache = forward(config, params, tokens, positions, init_cache(config, 2, 8, params=params))
     got_logits, got_cache = prefill(config, params, tokens, positions, 8, last_only=False)
     real = np.asarray(positions) >= 0  # padding columns are never read: their values are free
     # Float32 rounding only: the cached forward also sums the (masked) empty slots.
     np.testing.assert_allclose(np.asarray(got_logits)[real], np.asarray(want_logits)[real], atol=1e-5)
     np.testing.assert_array_equal(got_cache["positions"], want_cache["positions"])
     assert int(got_cache["index"]) == int(want_cache["index"]) == 5
-    kv = lambda c: [c["top"]] + (list(c["blocks"]) if unstacked else [c["blocks"]])  # noqa: E731
+    kv = lambda c: [c["top"]] + (list(c["blocks"]) if is_per_layer(params) else [c["blocks"]])  # noqa: E731
     for got, want in zip(kv(got_cache), kv(want_cache)):
         for name in ("key", "value"):
             np.testing.assert_allclose(np.asarray(got[name])[..., :5, :, :][..., real, :, :],
@@ -126,10 +137,11 @@ INT8_LOGIT_TOLERANCE = 0.25
 INT8_MEAN_KL_TOLERANCE = 2e-3
 
 
-@pytest.mark.parametrize("unstacked", [False, True])
-def test_int8_logits_stay_within_the_stated_tolerance_of_float32(unstacked, sequences):
-    config8, params8 = load_checkpoint(FIXTURES / "tiny_fp32.ckpt", unstacked=unstacked, int8=True)
-    assert config8.weights == "int8" and is_unstacked(params8) == unstacked
+@pytest.mark.parametrize("layout", [stacked, per_layer])
+def test_int8_logits_stay_within_the_stated_tolerance_of_float32(layout, sequences):
+    config8, params8 = load_checkpoint(FIXTURES / "tiny_fp32.ckpt", int8=True)
+    params8 = layout(params8)
+    assert config8.weights == "int8"
     want = np.load(FIXTURES / "expected_logits_gelu_tanh.npy")  # MindSpore's float32 logits
     for row, seq in enumerate(sequences):
         got = forward(config8, params8, jnp.asarray([seq]))[0][0]
@@ -156,8 +168,8 @@ def test_int8_on_the_device_equals_int8_on_the_host(tiny_fp32):
 
 def test_int8_parameters_match_the_int8_model_shapes(tiny_fp32):
     config, params = tiny_fp32
-    config8, params8 = quantize_params(config, unstack_layers(params))
-    want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_params(config8, unstacked=True))
+    config8, params8 = quantize_params(config, per_layer(params))
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), jax.eval_shape(per_layer, abstract_params(config8)))
     assert want == jax.tree.map(lambda a: (a.shape, jnp.asarray(a).dtype), params8)
     assert params8["word_embedding"].dtype == jnp.int8 and params8["word_embedding_scale"].shape == (1000,)
 
@@ -167,38 +179,7 @@ def test_unknown_weight_format_is_refused():
         PanguConfig.preset("tiny", weights="int4")
 
 
-def test_init_params_draws_either_layout():
-    config = PanguConfig.preset("tiny")
-    assert is_unstacked(init_params(config, 0, unstacked=True))
-    assert not is_unstacked(init_params(config, 0))
-
-
-@pytest.fixture
-def gpu_products(monkeypatch):
-    """The products as a GPU computes them (one row: `_reduction_dot`), on any backend; the calls it made.
-
-    Compiled programs are dropped before and after, so none traced otherwise is reused, or left behind.
-    """
-    from pangu_jax import model
-
-    calls = []
-    reduction_dot = model._reduction_dot
-
-    def spy(*args):
-        calls.append(args[1].shape)
-        return reduction_dot(*args)
-
-    monkeypatch.setattr(model, "_reduction_rows", lambda: REDUCTION_ROWS)
-    monkeypatch.setattr(model, "_reduction_dot", spy)
-    jax.clear_caches()
-    yield calls
-    jax.clear_caches()
-
-
-def test_one_row_products_reduce_on_a_gpu_only():
-    from pangu_jax import model
-
-    assert model._reduction_rows() == (REDUCTION_ROWS if jax.default_backend() == "gpu" else 0)
+REDUCED = PanguConfig.preset("tiny", dtype="float32", matvec="reduction")
 
 
 @pytest.mark.parametrize("weights", ["float", "int8"])
@@ -211,30 +192,37 @@ def test_one_row_products_reduce_on_a_gpu_only():
     ("bte,ve->btv", (1, 1, 6), (9, 6), (0,), True),  # head
     ("bte,ef->btf", (1, 1, 6), (6, 7), (1,), False),  # input first: the einsum at any row count
 ])
-def test_a_product_of_one_row_as_a_reduction_equals_the_einsum(gpu_products, weights, equation, x_shape, w_shape,
-                                                               channels, reduced):
-    config = PanguConfig.preset("tiny", weights=weights, dtype="float32")
+def test_a_product_of_one_row_as_a_reduction_equals_the_einsum(weights, equation, x_shape, w_shape, channels,
+                                                               reduced):
+    config = REDUCED.replace(weights=weights)
     keys = jax.random.split(jax.random.key(0), 2)
     w = jax.random.normal(keys[1], w_shape)
     matrix = quantize_matrix(w, channels) if weights == "int8" else (w, None)
     x = jax.random.normal(keys[0], x_shape)
-    one_row = _dot(config, equation, x, matrix)
-    assert one_row.shape[:2] == (1, 1) and REDUCTION_ROWS == 1
-    assert gpu_products == ([w_shape] if reduced else [])
+    one_row = dot(config, equation, x, matrix)
+    assert one_row.shape[:2] == (1, 1)
+    assert ("dot_general" in primitive_counts(lambda x: dot(config, equation, x, matrix), x)) != reduced
     # Two rows go through the einsum; each equals the reduction's row.
-    two_rows = _dot(config, equation, jnp.concatenate([x, 2 * x]), matrix)
-    assert len(gpu_products) == reduced
+    two = jnp.concatenate([x, 2 * x])
+    assert "dot_general" in primitive_counts(lambda x: dot(config, equation, x, matrix), two)
+    two_rows = dot(config, equation, two, matrix)
     np.testing.assert_allclose(one_row[0], two_rows[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(2 * one_row[0], two_rows[1], rtol=1e-5, atol=1e-5)
+    einsum = dot(config.replace(matvec="einsum"), equation, x, matrix)
+    np.testing.assert_allclose(one_row, einsum, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("weights", ["float", "int8"])
-def test_cached_generation_with_reductions_equals_teacher_forced_argmax(gpu_products, tiny_fp32, weights):
+def test_cached_generation_with_reductions_equals_teacher_forced_argmax(tiny_fp32, weights):
     config, params = quantize_params(*tiny_fp32) if weights == "int8" else tiny_fp32
+    config = config.replace(matvec="reduction")
     prompt = [47, 320, 155]
     new = generate(config, params, [prompt], 15, temperature=0, stop_ids=())[0]  # decode: one row a product
-    e, f, n, k = config.hidden_size, config.ffn_size, config.num_heads, config.head_dim
-    assert set(gpu_products) == {(n, k, e), (e, e), (f, e), (e, f), (config.vocab_size, e)}  # all, head too
+    # A decode step's only einsums are its attention's (two a layer): every matrix, the head too, is reduced.
+    layers = per_layer(params)
+    step = primitive_counts(lambda p, c: forward(config, p, jnp.ones((1, 1), jnp.int32), cache=c), layers,
+                            init_cache(config, 1, 8, params=layers))
+    assert step["dot_general"] == 2 * config.num_layers
     logits, _ = forward(config, params, jnp.asarray([prompt + new]))  # 18 rows: the einsum
     assert np.argmax(np.asarray(logits[0, len(prompt) - 1 : -1]), axis=-1).tolist() == new
 
@@ -242,8 +230,8 @@ def test_cached_generation_with_reductions_equals_teacher_forced_argmax(gpu_prod
 def test_a_product_the_reduction_cannot_take_is_refused():
     config = PanguConfig.preset("tiny", weights="int8")
     matrix = (jnp.zeros((4, 6), jnp.int8), jnp.ones((4,)))
-    with pytest.raises(ValueError, match=r"_dot: 'bte,ef->bft' is not x \[rows..., in...\] times w"):
-        _dot(config, "bte,ef->bft", jnp.ones((1, 1, 4)), matrix)
+    with pytest.raises(ValueError, match=r"dot: 'bte,ef->bft' is not x \[rows..., in...\] times w"):
+        dot(config, "bte,ef->bft", jnp.ones((1, 1, 4)), matrix)
 
 
 def _block_calls(jaxpr) -> list:
@@ -257,21 +245,21 @@ def _block_calls(jaxpr) -> list:
     return calls
 
 
-def test_every_unstacked_block_reuses_one_trace():
+def test_every_per_layer_block_reuses_one_trace():
     config = PanguConfig.preset("tiny", num_layers=6)
-    params = init_params(config, 0, unstacked=True)
+    params = per_layer(init_params(config, 0))
     jaxpr = jax.make_jaxpr(lambda p, t: forward(config, p, t))(params, jnp.ones((1, 4), jnp.int32))
     calls = _block_calls(jaxpr.jaxpr)
     assert len(calls) == config.num_blocks == 5
     assert len({id(c.params["jaxpr"]) for c in calls}) == 1
 
 
-@pytest.mark.parametrize("unstacked", [False, True])
-def test_parameters_missing_or_of_the_wrong_shape_are_named(tiny_fp32, unstacked):
+@pytest.mark.parametrize("layout", [stacked, per_layer])
+def test_parameters_missing_or_of_the_wrong_shape_are_named(tiny_fp32, layout):
     import flax
 
     config, params = tiny_fp32
-    params = unstack_layers(params) if unstacked else params
+    params = layout(params)
     tokens = jnp.asarray([[5, 6, 7]])
     wrong = {**params, "final_ln": {**params["final_ln"], "scale": jnp.ones((3,))}}
     with pytest.raises(flax.errors.ScopeParamShapeError, match=r'"scale" in "/final_ln".*\(64,\).*\(3,\)'):
@@ -279,7 +267,7 @@ def test_parameters_missing_or_of_the_wrong_shape_are_named(tiny_fp32, unstacked
     missing = {**params, "final_ln": {"scale": params["final_ln"]["scale"]}}
     with pytest.raises(flax.errors.ScopeParamNotFoundError, match=r'"bias" in scope "/final_ln"'):
         forward(config, missing, tokens)
-    if unstacked:
+    if is_per_layer(params):
         blocks = params["blocks"]
         layer = {**blocks["1"], "mlp": {**blocks["1"]["mlp"], "up_bias": jnp.ones((2,))}}
         with pytest.raises(ValueError, match=r'block 1 \(blocks/1\): .*"up_bias" in "/mlp"'):

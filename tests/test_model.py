@@ -136,21 +136,3 @@ def test_forward_rejects_bad_token_shapes(tiny_fp32):
         forward(config, params, jnp.zeros((1, 0), jnp.int32))
     with pytest.raises(ValueError, match="positions shape"):
         forward(config, params, jnp.ones((1, 3), jnp.int32), jnp.arange(2)[None])
-
-
-def test_attention_kernels_only_where_they_apply_and_asked_for(monkeypatch):
-    from pangu_jax import model
-
-    bf16 = PanguConfig.preset("tiny", dtype="bfloat16", param_dtype="bfloat16")
-    assert not model._fused_attention(bf16) and not model._decode_kernel(bf16)  # this CPU
-    monkeypatch.setattr(model.jax, "default_backend", lambda: "gpu")
-    assert model._fused_attention(bf16) and model._decode_kernel(bf16)
-    cudnn = bf16.replace(attention="cudnn")
-    assert model._fused_attention(cudnn) and not model._decode_kernel(cudnn)
-    explicit = bf16.replace(attention="explicit")
-    assert not model._fused_attention(explicit) and not model._decode_kernel(explicit)
-    assert not model._fused_attention(bf16.replace(dtype="float32"))
-    assert not model._decode_kernel(bf16.replace(dtype="float32"))
-    assert not model._fused_attention(bf16.replace(hidden_size=84, num_heads=2))  # head_dim 42
-    assert not model._fused_attention(bf16.replace(hidden_size=544, num_heads=2))  # head_dim 272
-    assert model._decode_kernel(bf16.replace(hidden_size=160, num_heads=2))  # head_dim 80

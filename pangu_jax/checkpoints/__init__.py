@@ -1,8 +1,7 @@
-"""Checkpoint formats: readers, writers and the name mapping they share."""
+"""Checkpoint formats: readers, writers, the name mapping they share, loading and conversion."""
 
-from .convert import detect_format, load_checkpoint
-from .loader import CheckpointMismatchError
-from .mindspore_format import CheckpointFormatError
+from .errors import CheckpointFormatError, CheckpointMismatchError
+from .loading import detect_format, load_checkpoint
 from .orbax_store import load_orbax, save_orbax, save_orbax_stream
 
 __all__ = [

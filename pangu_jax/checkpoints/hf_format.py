@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from ..config import PanguConfig
-from .layout import mindspore_slots
 from ..atomic import atomic_directory
-from .mindspore_format import CheckpointFormatError, implausible_dims
-from .storage import LazyTensor, import_torch
-from .torch_pickle import check_dims, load_torch, torch_dtype, torch_to_numpy
+from .errors import CheckpointFormatError
+from .layout import mindspore_slots
+from .storage import LazyTensor, implausible_dims
+from .torch_pickle import check_dims, import_torch, load_torch, torch_dtype, torch_to_numpy
 
 __all__ = ["HF_BLOCK", "HF_GLOBALS", "hf_config_dict", "hf_names", "is_hf_dir", "read_hf", "write_hf"]
 

@@ -16,6 +16,7 @@ import numpy as np
 from ..config import PanguConfig
 
 Transform = Callable[[np.ndarray, PanguConfig], np.ndarray]
+TreePath = tuple[str, ...]  # keys from the root of the parameter tree to a leaf
 
 
 @dataclasses.dataclass(frozen=True)

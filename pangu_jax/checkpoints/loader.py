@@ -11,22 +11,17 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ..config import DTYPES, PRESETS, PanguConfig, dtype_name, numpy_dtype
-from ..model import unstack_layers
 from ..quantize import quantize_params
 from ..sharding import RULES, Rules, param_shardings
-from .layout import Slot, count_blocks, is_layernorm, is_training_state, mindspore_slots
+from .errors import CheckpointMismatchError
+from .layout import Slot, TreePath, count_blocks, is_layernorm, is_training_state, mindspore_slots
 
 
-TreePath = tuple[str, ...]  # keys from the root of the parameter tree to a leaf
 
 
 class StoredTensor(Protocol):
     shape: tuple[int, ...]
     data: np.ndarray
-
-
-class CheckpointMismatchError(ValueError):
-    """A readable checkpoint that does not hold the model asked for."""
 
 
 def _listing(names: list[str], limit: int = 6) -> str:
@@ -129,7 +124,6 @@ def assemble_params(
     config: PanguConfig | str | None = None,
     dtype: str | None = None,
     *,
-    unstacked: bool = False,
     mesh: Mesh | None = None,
     rules: Rules = RULES,
     int8: bool = False,
@@ -138,9 +132,8 @@ def assemble_params(
 
     Host memory holds the model once in the target dtype plus one source
     tensor; each finished leaf moves to the default device, or into its
-    shards on `mesh` by `rules`, and its host copy is dropped. `unstacked`
-    returns the per-layer layout (`model.unstack_layers`), split on the host;
-    `int8` quantizes the matrices on the host (`quantize.quantize_params`).
+    shards on `mesh` by `rules`, and its host copy is dropped. `int8`
+    quantizes the matrices on the host (`quantize.quantize_params`).
     """
     if isinstance(config, str):
         config = PanguConfig.preset(config)
@@ -160,11 +153,9 @@ def assemble_params(
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = leaf
-    if unstacked:
-        tree = unstack_layers(tree)
     if int8:
         config, tree = quantize_params(config, tree)
-    shardings = None if mesh is None else param_shardings(config, mesh, unstacked=unstacked, rules=rules)
+    shardings = None if mesh is None else param_shardings(config, mesh, rules=rules)
     return config, _to_device(tree, shardings)
 
 

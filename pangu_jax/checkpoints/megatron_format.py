@@ -57,12 +57,11 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, PanguConfig
+from .errors import CheckpointFormatError, CheckpointMismatchError
 from .hf_format import HF_BLOCK
 from .layout import mindspore_slots
-from .loader import CheckpointMismatchError
-from .mindspore_format import CheckpointFormatError
-from .storage import LazyTensor, import_torch
-from .torch_pickle import check_dims, load_torch, pickled_globals, torch_dtype, torch_to_numpy
+from .storage import LazyTensor
+from .torch_pickle import check_dims, import_torch, load_torch, pickled_globals, torch_dtype, torch_to_numpy
 
 __all__ = ["MEGATRON_BLOCK", "MEGATRON_GLOBALS", "is_megatron_dir", "megatron_names", "read_megatron"]
 

@@ -33,11 +33,12 @@ from typing import BinaryIO
 import numpy as np
 
 from ..atomic import atomic_file
+from .errors import CheckpointFormatError
+from .storage import implausible_dims
 
 __all__ = [
     "CheckpointFormatError",
     "TensorRecord",
-    "implausible_dims",
     "iter_mindspore",
     "read_mindspore_index",
     "write_mindspore",
@@ -72,10 +73,6 @@ _KNOWN_MAGIC = {
     b"\x93NUMPY": "a .npy array",
     b"\x80": "a pickle",
 }
-
-
-class CheckpointFormatError(ValueError):
-    """A file is not a well-formed MindSpore checkpoint."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -338,20 +335,6 @@ def _validate_shape(
             f"dims {list(shape)} with itemsize {itemsize} need {expected} content bytes, found {content_len}",
         )
     return shape
-
-
-def implausible_dims(shape: tuple[int, ...], itemsize: int, file_size: int) -> str | None:
-    """Why a stored tensor's dims cannot be real, or None if they can.
-
-    Matching the content length is not enough: beside a 0, a dim of any size
-    still makes an empty tensor. So with each 0 taken as 1 the dims must fit
-    in the file that holds them.
-    """
-    need = math.prod(max(dim, 1) for dim in shape) * itemsize
-    if need <= file_size:
-        return None
-    return (f"dims {list(shape)} cannot be real: with each 0 taken as 1 they need {need} bytes, "
-            f"more than the whole file ({file_size} bytes); corrupt tensor header")
 
 
 def write_mindspore(path: str | os.PathLike[str], tensors: Iterable[tuple[str, np.ndarray]]) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_directory
-from .mindspore_format import CheckpointFormatError, implausible_dims
-from .storage import LazyTensor
+from .errors import CheckpointFormatError
+from .storage import LazyTensor, implausible_dims
 
 __all__ = ["read_npy_dir", "write_npy_dir"]
 

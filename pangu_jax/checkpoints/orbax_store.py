@@ -11,11 +11,8 @@ A store (format version 4) is a directory::
 Orbax saves what it is handed as one unit and keeps host copies of all of
 it until the end; writing a leaf at a time lets a conversion build, write and
 drop each leaf in turn, so the host never holds the whole model, only its
-largest leaf (a stacked blocks matrix). Older stores are still read:
-version 1 kept params/ as one orbax checkpoint of the whole tree, with the
-attention matrices input first; the FFN matrices were input first up to
-version 3, except in an int8 model's version 3 (version 4: output first in
-every model, as the model holds them).
+largest leaf (a stacked blocks matrix). Versions before 4 were written only
+by development versions of this package and are refused.
 
 A store is restored from abstract shapes, so each array can go straight into
 its shards on a device mesh without ever being whole on one device.
@@ -23,37 +20,34 @@ its shards on a device mesh without ever being whole on one device.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from ..config import PanguConfig, dtype_name
 from ..model import abstract_params
 from ..sharding import RULES, Rules, param_shardings
+from ..special_tokens import EOD_ID, EOT_ID, PAD_ID
 from ..vocab import VOCAB_SHA256
-from .layout import mindspore_slots
-from .loader import TreePath
-from .mindspore_format import CheckpointFormatError
 from ..atomic import atomic_directory
+from .errors import CheckpointFormatError
+from .layout import TreePath, mindspore_slots
 from .storage import LazyTensor
 
 __all__ = ["FORMAT_VERSION", "MARKER", "load_orbax", "mindspore_view", "read_orbax_config", "save_orbax",
            "save_orbax_stream"]
 
 FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
 MARKER = "pangu_jax.json"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 WRITE_CHUNK_BYTES = 64 << 20  # the unit tensorstore encodes and writes a leaf in
-TOKENIZER = {"vocab_sha256": VOCAB_SHA256, "eod_id": 8, "eot_id": 9, "pad_id": 6}
+TOKENIZER = {"vocab_sha256": VOCAB_SHA256, "eod_id": EOD_ID, "eot_id": EOT_ID, "pad_id": PAD_ID}
 
 
 def save_orbax(path: str | os.PathLike, config: PanguConfig, params: Mapping) -> None:
@@ -153,21 +147,23 @@ def _write_metadata(directory: Path, config: PanguConfig) -> None:
 
 def read_orbax_config(path: str | os.PathLike) -> PanguConfig:
     """The stored config, after checking the format version."""
-    return _read_store(Path(path))[0]
+    return _read_store(Path(path))
 
 
-def _read_store(path: Path) -> tuple[PanguConfig, int]:
-    """(config, format version) of a store whose version this code reads."""
+def _read_store(path: Path) -> PanguConfig:
+    """The config of a store of the version this code reads."""
     try:
         marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
         config = PanguConfig.from_json(path / CONFIG_FILE)
     except (OSError, ValueError) as e:
         raise CheckpointFormatError(f"{path}: not a readable pangu_jax store ({e})") from None
     version = marker.get("format_version")
-    if version not in READABLE_VERSIONS:
-        readable = ", ".join(map(str, READABLE_VERSIONS[:-1])) + f" and {READABLE_VERSIONS[-1]}"
-        raise CheckpointFormatError(f"{path / MARKER}: format_version {version!r}; this version reads {readable}")
-    return config, version
+    if version != FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"{path / MARKER}: format_version {version!r}; this version reads {FORMAT_VERSION}"
+            + (" (earlier versions came from development builds: convert the original checkpoint again)"
+               if isinstance(version, int) and version < FORMAT_VERSION else ""))
+    return config
 
 
 def load_orbax(
@@ -183,7 +179,7 @@ def load_orbax(
     get under `rules` (`sharding.RULES` by default).
     """
     path = Path(path).absolute()
-    config, version = _read_store(path)
+    config = _read_store(path)
     if dtype is not None:
         dtype = dtype_name(dtype)
         config = config.replace(param_dtype=dtype, dtype=dtype)
@@ -193,76 +189,13 @@ def load_orbax(
     )
     import orbax.checkpoint as ocp
 
-    specs = _flatten(target)
-    perms = {key: _stored_permutation(version, config, key, len(spec.shape)) for key, spec in specs.items()}
-    stored = {key: spec if perms[key] is None else _as_stored(spec, perms[key]) for key, spec in specs.items()}
-
-    def ours(key: TreePath, leaf: jax.Array) -> jax.Array:
-        return leaf if perms[key] is None else _turn(leaf, perms[key], specs[key].sharding)
-
     with ocp.StandardCheckpointer() as checkpointer:
-        if version == 1:
-            restored = _restore_tree(checkpointer, path / PARAMS_DIR, target, list(stored.values()))
-            leaves = [ours(key, leaf) for key, leaf in zip(specs, restored)]
-        else:  # each leaf turned as soon as it is restored, so at most one is held twice
-            leaves = [ours(key, _restore_piece(checkpointer, path / PARAMS_DIR, key, spec))
-                      for key, spec in stored.items()]
+        leaves = [_restore_piece(checkpointer, path / PARAMS_DIR, key, spec) for key, spec in _flatten(target).items()]
     return config, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
 
 
-# Version 1 stored the attention matrices input first: query/key/value
-# [embed, heads, head_dim], output [heads, head_dim, embed]. Later versions
-# store them output first, as the model holds them; each maps by a
-# permutation of its last three dims (new = old.transpose(...)).
-V1_ATTENTION = {"query_kernel": (1, 2, 0), "key_kernel": (1, 2, 0), "value_kernel": (1, 2, 0),
-                "output_kernel": (2, 0, 1)}
-# Versions 1 to 3 stored the FFN matrices input first, but for an int8
-# model's version 3; version 4 output first (their last two dims swapped).
-INPUT_FIRST_MLP = ("up_kernel", "down_kernel")
-
-
-def _stored_permutation(version: int, config: PanguConfig, key: TreePath, ndim: int) -> tuple[int, ...] | None:
-    """The transpose taking this leaf from the layout store `version` holds it in to ours, or None if the same."""
-    if len(key) < 2:
-        return None
-    if version == 1 and key[-2] == "attention" and key[-1] in V1_ATTENTION:
-        lead = ndim - 3  # the stacked blocks' layers axis
-        return tuple(range(lead)) + tuple(lead + p for p in V1_ATTENTION[key[-1]])
-    mlp_input_first = version <= 2 or (version == 3 and config.weights != "int8")
-    if mlp_input_first and key[-2] == "mlp" and key[-1] in INPUT_FIRST_MLP:
-        return tuple(range(ndim - 2)) + (ndim - 1, ndim - 2)
-    return None
-
-
-def _as_stored(spec: jax.ShapeDtypeStruct, perm: tuple[int, ...]) -> jax.ShapeDtypeStruct:
-    """`spec` (ours) as the store holds it, which `perm` turns into ours."""
-    inverse = np.argsort(perm)
-    sharding = spec.sharding
-    if isinstance(sharding, NamedSharding):
-        names = tuple(sharding.spec) + (None,) * (len(perm) - len(sharding.spec))
-        sharding = NamedSharding(sharding.mesh, PartitionSpec(*(names[i] for i in inverse)))
-    return jax.ShapeDtypeStruct(tuple(spec.shape[i] for i in inverse), spec.dtype, sharding=sharding)
-
-
-def _turn(leaf: jax.Array, perm: tuple[int, ...], sharding) -> jax.Array:
-    """The leaf transposed by `perm` into `sharding`; the stored copy is freed."""
-    turned = jax.jit(functools.partial(jnp.transpose, axes=perm), out_shardings=sharding)(leaf)
-    leaf.delete()
-    return turned
-
-
-def _restore_tree(checkpointer, params_dir: Path, target: dict, stored: list) -> list[jax.Array]:
-    """Version 1: the whole tree is one orbax checkpoint; its leaves as `stored` describes them."""
-    treedef = jax.tree_util.tree_structure(target)
-    try:
-        tree = checkpointer.restore(params_dir, jax.tree_util.tree_unflatten(treedef, stored))
-    except (ValueError, FileNotFoundError) as e:
-        raise CheckpointFormatError(f"{params_dir}: cannot restore the tree of {CONFIG_FILE} ({e})") from None
-    return jax.tree_util.tree_leaves(tree)
-
-
 def _restore_piece(checkpointer, params_dir: Path, key: TreePath, spec: jax.ShapeDtypeStruct) -> jax.Array:
-    """Version 2 on: one orbax checkpoint per leaf."""
+    """One leaf, restored from its own orbax checkpoint straight into its sharding."""
     name = _piece_name(key)
     try:
         return checkpointer.restore(params_dir / name, {name: spec})[name]

@@ -1,17 +1,16 @@
 """What every checkpoint reader shares: `LazyTensor`, a stored tensor read only
-when converted, and `import_torch` for the formats that are PyTorch pickles.
+when converted, and `implausible_dims`, the check of a tensor header's dims.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
-from .mindspore_format import CheckpointFormatError
 
-__all__ = ["LazyTensor", "import_torch"]
+__all__ = ["LazyTensor", "implausible_dims"]
 
 
 class LazyTensor:
@@ -39,12 +38,15 @@ class LazyTensor:
         return np.array(array, copy=True) if copy else array
 
 
-def import_torch(file: Path, reading: str, advice: str):
-    """torch, imported only when a pickle must be read; else an error naming the file and what to do."""
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointFormatError(
-            f"{file}: reading {reading} needs torch, which is not installed; install torch, or {advice}"
-        ) from None
-    return torch
+def implausible_dims(shape: tuple[int, ...], itemsize: int, file_size: int) -> str | None:
+    """Why a stored tensor's dims cannot be real, or None if they can.
+
+    Matching the content length is not enough: beside a 0, a dim of any size
+    still makes an empty tensor. So with each 0 taken as 1 the dims must fit
+    in the file that holds them.
+    """
+    need = math.prod(max(dim, 1) for dim in shape) * itemsize
+    if need <= file_size:
+        return None
+    return (f"dims {list(shape)} cannot be real: with each 0 taken as 1 they need {need} bytes, "
+            f"more than the whole file ({file_size} bytes); corrupt tensor header")

@@ -16,15 +16,27 @@ from pathlib import Path
 
 import numpy as np
 
-from .mindspore_format import CheckpointFormatError, implausible_dims
+from .errors import CheckpointFormatError
+from .storage import implausible_dims
 
-__all__ = ["check_dims", "load_torch", "pickled_globals", "torch_dtype", "torch_to_numpy"]
+__all__ = ["check_dims", "import_torch", "load_torch", "pickled_globals", "torch_dtype", "torch_to_numpy"]
+
+
+def import_torch(file: Path, reading: str, advice: str):
+    """torch, imported only when a pickle must be read; else an error naming the file and what to do."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointFormatError(
+            f"{file}: reading {reading} needs torch, which is not installed; install torch, or {advice}"
+        ) from None
+    return torch
 
 
 def load_torch(file: Path, allowed: Iterable = ()):
     """What `file` holds, on the CPU; a zip archive is memory-mapped.
 
-    Callers call `storage.import_torch` first, so that a missing torch is named as such.
+    Callers call `import_torch` first, so that a missing torch is named as such.
     `allowed` is passed to ``torch.serialization.safe_globals``: classes, or
     (stand-in, "module.name") pairs, let through beside torch's own allowlist.
     torch raises many error types for corrupt or unsafe files; callers name the file.

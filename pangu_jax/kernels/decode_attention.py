@@ -8,21 +8,17 @@ cache in blocks of `BLOCK_SLOTS` slots with an online softmax, only up to
 that slot: a cache is allocated for the whole generation, so most of it is
 still empty early on, and neither XLA's einsums nor cuDNN's kernel (for
 PanGu's head_dim 80) stop there. Doing the bias adds and the write here
-saves three small XLA kernels per layer (on an H100, 2.6B bf16: 464 -> 368
-kernels and 2.62 -> 2.55 ms of kernel time per token at batch 1; batch 32
-3.75 -> 3.59 ms a step). Triton wants power-of-two tiles, so a head's
-`head_dim` values are read as the first of `next_power_of_2(head_dim)`
-lanes, the rest masked off.
+saves three small XLA kernels a layer. Triton wants power-of-two tiles, so
+a head's `head_dim` values are read as the first of
+`next_power_of_2(head_dim)` lanes, the rest masked off.
 
-A long cache read by few programs (batch 1: one per head, 32 of an H100's
-132 multiprocessors) walks its blocks one after another, so from
+A long cache read by few programs (batch 1: one per head, far fewer than a
+GPU has multiprocessors) walks its blocks one after another, so from
 `SPLIT_FROM_SLOTS` slots on each (row, head)'s slots are split over several
 programs that write partial softmax sums, joined after the kernel
-(flash-decoding). On an H100, 2.6B bf16 batch 1 with a 1152-slot cache:
-35.4 -> 8.6 us a layer with 1000 slots written, 3.1 -> 5.0 us with 24;
-decoding after a 896-token prompt 3.7 -> 2.8 ms/token.
+(flash-decoding). benchmarks/README.md has the measurements.
 
-The mask is the model's (`model._visible`): a slot counts when its position
+The mask is the model's (`layers.visible`): a slot counts when its position
 is valid (>= 0) and not after the query's.
 """
 
@@ -49,7 +45,7 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _splits(batch: int, slots: int, heads: int) -> int:
+def splits_per_head(batch: int, slots: int, heads: int) -> int:
     """Programs per (row, head): 1, or for a long cache and few rows x heads, up to one per block."""
     if slots < SPLIT_FROM_SLOTS:
         return 1
@@ -134,7 +130,7 @@ def _call(q, key, value, q_bias, key_bias, value_bias, keys, values, key_positio
     batch, slots, heads, head_dim = keys.shape
     lanes = _next_power_of_2(head_dim)
     span = max(_next_power_of_2(slots), BLOCK_SLOTS)
-    splits = _splits(batch, slots, heads)
+    splits = splits_per_head(batch, slots, heads)
     token = pl.BlockSpec((None, None, lanes), lambda b, h, s: (b, h, 0))
     if q.ndim == 4:  # stacked: one block spec per third
         projections = [pl.BlockSpec((None, None, None, lanes), lambda b, h, s, i=i: (b, i, h, 0)) for i in range(3)]
@@ -220,7 +216,7 @@ def decode_attention(qkv: jax.Array | tuple[jax.Array, jax.Array, jax.Array], ke
 
     `qkv`: the new token's query, key and value projections, stacked
     [batch, 3, heads, head_dim] or three [batch, heads, head_dim] (which
-    suits XLA better depends on the batch: see `model.Attention`), to which
+    suits XLA better depends on the batch: see `layers.Attention`), to which
     `biases` (query, key, value biases, each [heads, head_dim]; default
     none) are added here, rounded to q's dtype (and the key and value then
     to the cache's). `keys`, `values` [batch, slots, heads, head_dim]: the

@@ -1,0 +1,26 @@
+"""Attention as one cuDNN kernel (`PanguConfig.attention` or `decode_attention` "cudnn"; GPU, 16 bits).
+
+cuDNN's fused attention never writes the [heads, length, slots] scores to
+memory (a prompt's float32 scores cost more than its matmuls; a decode
+step's, a chain of small kernels); it scales the scores itself, and can be
+told how many cache slots are written.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cudnn_attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array, *, scale: float,
+                    filled: jax.Array | None = None) -> jax.Array:
+    """softmax(scale * q.k + mask) . v: q [B, T, N, H], keys and values [B, S, N, H] -> [B, T, N, H].
+
+    `visible` [B, 1, T, S] says which slots each query sees; it becomes a
+    finite bias, so a row that sees nothing (padding) stays finite.
+    `filled` [B]: how many leading slots are written, when the rest are
+    known to be empty (a decode step's cache).
+    """
+    bias = jnp.where(visible, 0, jnp.finfo(q.dtype).min / 2).astype(q.dtype)  # [B, 1, T, S]
+    return jax.nn.dot_product_attention(q, keys, values, bias=bias, scale=scale, key_value_seq_lengths=filled,
+                                        implementation="cudnn")
