@@ -78,6 +78,13 @@ def with_lora(y: jax.Array, delta: jax.Array | None) -> jax.Array:
     return y if delta is None else y + delta.astype(y.dtype)
 
 
+def activations(x: jax.Array) -> jax.Array:
+    """x [B, T, E] laid out by the logical axes ("batch", "length", "act_embed") where rules are in force
+    (training, under `nn.logical_axis_rules`); as it is elsewhere. Without it XLA may carry a layout of
+    the embedding tables (split over their embed dimension) into the activations."""
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+
 def apply_dropout(module: nn.Module, rate: float, x: jax.Array) -> jax.Array:
     """Dropout at `rate`, active only when the model is applied with a "dropout" rng (training)."""
     if rate == 0:
@@ -263,6 +270,7 @@ class Block(nn.Module):
         query_input: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache]:
         c = self.config
+        x = activations(x)
         a = LayerNorm(c.layer_norm_epsilon, c.accum_dtype, name="ln1")(x)
         query_input = a if query_input is None else query_input
         attn, new_kv = Attention(c, self.dropout, name="attention")(

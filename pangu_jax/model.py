@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from .cache import Cache, check_layout, init_cache, next_positions, written_positions
 from .config import PanguConfig
-from .layers import Block, LayerNorm, apply_dropout, matrix, param
+from .layers import Block, LayerNorm, activations, apply_dropout, matrix, param
 from .layouts import is_per_layer
 from .products import dot
 
@@ -128,7 +128,7 @@ class PanguAlpha(nn.Module):
             rows = rows * jnp.take(word[1], tokens, axis=0, mode="clip")[..., None]
         x = rows + jnp.take(pos_table, positions, axis=0, mode="clip").astype(c.accum_dtype)
         self.sow("intermediates", "embeddings", x)
-        x = apply_dropout(self, self.dropout, x)
+        x = apply_dropout(self, self.dropout, activations(x))
 
         cache_positions = None if cache is None else written_positions(cache, positions)
         cache_index = None if cache is None else cache["index"]
@@ -150,7 +150,7 @@ class PanguAlpha(nn.Module):
 
         h = LayerNorm(c.layer_norm_epsilon, c.accum_dtype, name="final_ln")(x)
         self.sow("intermediates", "top_input", h)
-        top_query = jnp.take(top_table, positions, axis=0, mode="clip")
+        top_query = activations(jnp.take(top_table, positions, axis=0, mode="clip"))
         out, top_kv = Block(c, self.dropout, name="top_query_layer")(
             h, None if cache is None else cache["top"], positions, cache_positions, cache_index, segment_ids,
             query_input=top_query,

@@ -63,6 +63,7 @@ TRAIN_RULES: Rules = (
     ("layers", None),
     ("length", None),
     ("lora", None),
+    ("act_embed", None),
 )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+ALL_TESTS_ENV = "PANGU_JAX_ALL_TESTS"
 
 # Eight CPU devices, for the tests on a mesh (tests/test_sharding.py): set
 # before anything imports JAX; flags a caller gave are kept.
@@ -62,6 +63,17 @@ def assert_one_error_line(stderr: str, *needles: str) -> None:
     assert len(errors) == 1, stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+class CancelAfter:
+    """A stop request (what `convert` and `finetune` take as `cancel`) that reads as set from its n-th look on."""
+
+    def __init__(self, n: int) -> None:
+        self.looks, self.n = 0, n
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks >= self.n
 
 
 def tree_snapshot(root: Path) -> dict[str, str]:
@@ -115,6 +127,25 @@ def compiled_programs():
 
 def load_json(name: str):
     return json.loads((FIXTURES / name).read_text(encoding="utf-8"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true",
+                     help=f"also the slow tier (tests marked slow; or set {ALL_TESTS_ENV}=1), as CI runs")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the slow tier: whole runs and processes; left out unless --all")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier by default: tests marked slow are deselected unless --all (or PANGU_JAX_ALL_TESTS=1)."""
+    if config.getoption("--all") or os.environ.get(ALL_TESTS_ENV, "") not in ("", "0"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")

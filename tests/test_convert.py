@@ -16,7 +16,7 @@ import pytest
 from pangu_jax.checkpoints import CheckpointFormatError
 from pangu_jax.checkpoints import convert as conversion
 from pangu_jax.checkpoints.convert import ConversionCancelled, DestinationError, convert, verify_md5
-from tests.conftest import FIXTURES, ScriptRunner, assert_one_error_line, tree_snapshot
+from tests.conftest import FIXTURES, CancelAfter, ScriptRunner, assert_one_error_line, tree_snapshot
 
 FP32 = FIXTURES / "tiny_fp32.ckpt"
 
@@ -38,16 +38,6 @@ def _fail_on_call(n: int, real):
 
     return wrapped
 
-
-class CancelAfter:
-    """A cancel flag that reads as set from its n-th look on: a Ctrl-C arriving midway."""
-
-    def __init__(self, n: int) -> None:
-        self.looks, self.n = 0, n
-
-    def is_set(self) -> bool:
-        self.looks += 1
-        return self.looks >= self.n
 
 
 def test_cli_converts_checks_and_summarises(cli, tmp_path, capsys):

@@ -56,7 +56,7 @@ def save_orbax(path: str | os.PathLike, config: PanguConfig, params: Mapping) ->
 
 
 def save_orbax_stream(path: str | os.PathLike, config: PanguConfig,
-                      leaves: Iterable[tuple[TreePath, jax.Array | np.ndarray]]) -> None:
+                      leaves: Iterable[tuple[TreePath, jax.Array | np.ndarray]], *, alone: bool = False) -> None:
     """Save the tree `config` describes from (tree path, array) pairs, each written before the next is drawn.
 
     Every leaf must come exactly once, in any order. A numpy leaf is written
@@ -64,10 +64,12 @@ def save_orbax_stream(path: str | os.PathLike, config: PanguConfig,
     chunks) as long as the iterator keeps no reference to what it yielded; a
     device array is copied to the host first, as orbax does. On any failure
     nothing is left at `path` (an existing store stays as it was).
+    `alone`: this process writes host arrays by itself while the run's
+    other processes do not take part (orbax waits for none of them).
     """
     expected = _flatten(abstract_params(config))
     path = Path(path).absolute()
-    with atomic_directory(path) as tmp, _piece_writer() as checkpointer:
+    with atomic_directory(path) as tmp, _piece_writer(alone) as checkpointer:
         (tmp / PARAMS_DIR).mkdir()
         for key, value in leaves:
             _check_leaf(key, value, expected)
@@ -94,8 +96,9 @@ def _check_leaf(key: TreePath, value, expected: dict) -> None:
                          f"{want.dtype}{list(want.shape)}")
 
 
-def _piece_writer():
-    """A synchronous orbax checkpointer that writes numpy arrays without copying them first.
+def _piece_writer(alone: bool = False):
+    """A synchronous orbax checkpointer that writes numpy arrays without copying them first (`alone`: see
+    `save_orbax_stream`).
 
     Orbax copies a numpy array before an asynchronous save, in case the caller
     changes it meanwhile; this save returns only once the piece is written.
@@ -112,7 +115,12 @@ def _piece_writer():
         (np.ndarray, handler(**no_copy)),
         (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
     )
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    processes = {}
+    if alone:
+        me = jax.process_index()
+        processes = {"multiprocessing_options": ocp.options.MultiprocessingOptions(primary_host=me,
+                                                                                   active_processes={me})}
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, **processes), **processes)
 
 
 def _save_piece(checkpointer, params_dir: Path, key: TreePath, value) -> None:
