@@ -11,18 +11,24 @@ import pytest
 
 from infer import bench
 from pangu_jax import benchmarking
+from tests.conftest import load_script
+
+checkpoint_bench = load_script("checkpoints/bench.py")
 
 
-def test_every_registered_table_is_a_command_of_its_tool():
-    for name in bench.TOOL.tables:
-        assert bench.parse_args([name]).table == name
+@pytest.mark.parametrize("tool", [bench, checkpoint_bench], ids=["infer", "checkpoints"])
+def test_every_registered_table_is_a_command_of_its_tool(tool):
+    assert tool.TOOL.tables
+    for name in tool.TOOL.tables:
+        assert tool.parse_args([name]).table == name
     with pytest.raises(SystemExit):
-        bench.parse_args(["no-such-table"])
+        tool.parse_args(["no-such-table"])
 
 
 def test_the_infer_tool_has_the_tables_the_results_cite():
     assert set(bench.TOOL.tables) == {"decode", "profile", "baselines", "throughput", "prefill", "ttft",
                                       "tensor-parallel", "int8-quality"}
+    assert set(checkpoint_bench.TOOL.tables) == {"convert", "orbax-restore"}
 
 
 def test_decode_table_writes_its_rows(tmp_path, capsys):
@@ -92,7 +98,38 @@ def test_int8_quality_table_names_an_unknown_model():
         bench.main(["int8-quality", "--quality-models", "fixture,tiny"])
 
 
-def test_an_unknown_case_is_named():
+def test_convert_table_measures_a_conversion_of_a_synthetic_file(tmp_path):
+    out = tmp_path / "convert.json"
+    checkpoint_bench.main(["convert", "--model", "tiny", "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    assert record["card"].startswith("CPU host (")
+    (row,) = record["rows"]
+    assert "error" not in row, row
+    assert row["seconds"] > 0 and row["model_GiB"] > 0 and row["source_written_s"] > 0
+    assert 0 < row["peak_anonymous_GiB"] <= row["peak_rss_GiB"]
+    assert row["anonymous_ratio_to_model"] == pytest.approx(row["peak_anonymous_GiB"] / row["model_GiB"])
+    # The source is kept for the next run; the converted store is gone.
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["synthetic_tiny_float16.ckpt"]
+
+
+def test_orbax_restore_table_writes_once_and_restores_onto_each_mesh(tmp_path, capsys):
+    out = tmp_path / "restore.json"
+    checkpoint_bench.main(["orbax-restore", "--model", "tiny", "--tensor", "1,2", "--workdir", str(tmp_path),
+                           "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    write, *restores = record["rows"]
+    assert write["case"] == "orbax_write" and "error" not in write and write["seconds"] > 0, write
+    assert [(r["case"], r["tensor"]) for r in restores] == [("orbax_restore", 1), ("orbax_restore", 2)], restores
+    assert all(r["model_MiB"] == pytest.approx(write["model_MiB"]) for r in restores)
+    assert all(len(r["peak_MiB_per_device"]) == r["tensor"] for r in restores)
+    assert [p.name for p in tmp_path.iterdir()] == ["restore.json"]  # the store is removed
+    assert "| orbax_restore | tiny | float16 | 2 |" in capsys.readouterr().out
+
+
+def test_a_case_that_fails_is_a_row_with_its_error_and_an_unknown_case_is_named():
+    row = checkpoint_bench.TOOL.run_case("orbax_restore", model="tiny", dtype="float16", store="/nonexistent",
+                                         tensor=1)
+    assert row["case"] == "orbax_restore" and row["store"] == "/nonexistent" and "/nonexistent" in row["error"]
     with pytest.raises(ValueError, match="no case 'decoding'; cases: decode, profile"):
         bench.TOOL.run_case("decoding")
 
