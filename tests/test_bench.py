@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import sys
 
 import jax
@@ -11,7 +13,7 @@ import pytest
 
 from infer import bench
 from pangu_jax import benchmarking
-from tests.conftest import load_script
+from tests.conftest import FIXTURES, load_script
 
 checkpoint_bench = load_script("checkpoints/bench.py")
 
@@ -29,6 +31,28 @@ def test_the_infer_tool_has_the_tables_the_results_cite():
     assert set(bench.TOOL.tables) == {"decode", "profile", "baselines", "throughput", "prefill", "ttft",
                                       "tensor-parallel", "int8-quality"}
     assert set(checkpoint_bench.TOOL.tables) == {"convert", "orbax-restore"}
+
+
+def test_the_commands_of_the_current_results_are_commands_of_the_tools():
+    page = (FIXTURES.parents[1] / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    current = page[page.index("## Current numbers"):page.index("## Log")]
+    tools = {"infer/bench.py": bench, "checkpoints/bench.py": checkpoint_bench}
+    parsed = 0
+    for line in current.splitlines():
+        if not line.startswith("| ") or line.startswith("| what "):
+            continue
+        command_cell = line.split(" | ")[6]
+        tool = None
+        for span in re.findall(r"`([^`]+)`", command_cell):
+            words = shlex.split(span)
+            if words[0] == "python" and words[1] in tools:
+                tool, words = tools[words[1]], words[2:]
+            elif words[0].startswith("benchmarks/"):  # the script a number was measured with, at a commit
+                continue
+            assert tool is not None, line
+            assert tool.parse_args(words).table == words[0]
+            parsed += 1
+    assert parsed >= 13
 
 
 def test_decode_table_writes_its_rows(tmp_path, capsys):
