@@ -354,6 +354,8 @@ class Table:
 
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
+    """A registered table: the function that builds it, and the one that names where it ran."""
+
     build: Callable[[argparse.Namespace], Table]
     card: Callable[[], str]
 
