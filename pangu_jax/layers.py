@@ -130,6 +130,9 @@ class Attention(nn.Module):
     """Multi-head attention whose query may come from a different input (the top query layer's).
 
     `dropout` applies to the attention probabilities (explicit attention only).
+    Explicit attention sows its probabilities [B, N, T, S], before dropout,
+    as "weights" in the "attention" collection: stored only where the caller
+    makes that collection mutable (`pangu_jax.inspect`), else nothing is kept.
     """
 
     config: PanguConfig
@@ -202,7 +205,9 @@ class Attention(nn.Module):
             q = q * jnp.asarray(score_scale, c.jnp_dtype)
             scores = jnp.einsum("btnk,bsnk->bnts", q, keys, precision=matmul_precision(c),
                                 preferred_element_type=c.accum_dtype)  # [B, N, T, S]
-            probs = apply_dropout(self, self.dropout, jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1))
+            probs = jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1)
+            self.sow("attention", "weights", probs)
+            probs = apply_dropout(self, self.dropout, probs)
             out = jnp.einsum("bnts,bsnk->btnk", probs.astype(c.jnp_dtype), values,
                              precision=matmul_precision(c))  # [B, T, N, H]
         return self._output(out), new_kv

@@ -139,7 +139,7 @@ class PanguAlpha(nn.Module):
                                                                  prevent_cse=False)
             blocks = nn.scan(
                 block,
-                variable_axes={"params": 0, "intermediates": 0},
+                variable_axes={"params": 0, "intermediates": 0, "attention": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_blocks,
