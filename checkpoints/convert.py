@@ -31,7 +31,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("src", help="source checkpoint (file or folder, any supported format)")
     p.add_argument("dst", help="destination (a .ckpt file for --to mindspore, else a new folder)")
     p.add_argument("--to", choices=FORMATS, default="orbax", help="target format (default: orbax)")
-    p.add_argument("--model", choices=sorted(PRESETS), help="preset; default: recorded in SRC or inferred from shapes")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--model", choices=sorted(PRESETS), help="preset; default: recorded in SRC or inferred from shapes")
+    sizes.add_argument("--config", help="the model's config: our config.json or a HuggingFace one (for a size no "
+                                        "preset has)")
     p.add_argument("--dtype", choices=DTYPES, help="target dtype (default: each tensor's own)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing DST that is a checkpoint of the target format (nothing else)")
@@ -48,15 +51,17 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from pangu_jax.checkpoints import CheckpointFormatError
     from pangu_jax.checkpoints.convert import ConversionCancelled, convert, detect_format, verify_md5
+    from pangu_jax.checkpoints.loading import read_config
     from pangu_jax.cli import stop_requests
 
+    model = read_config(args.config) if args.config else args.model
     if args.verify_md5:
         if detect_format(args.src) != "mindspore":
             raise CheckpointFormatError(f"{args.src}: --verify-md5 applies to released MindSpore .ckpt files only")
         print(verify_md5(args.src, allow_unknown=args.allow_unknown))
     with stop_requests("stopping: the conversion ends before its next tensor and leaves nothing") as stop:
         try:
-            summary = convert(args.src, args.dst, to=args.to, model=args.model, dtype=args.dtype,
+            summary = convert(args.src, args.dst, to=args.to, model=model, dtype=args.dtype,
                               progress=not args.quiet, overwrite=args.overwrite, cancel=stop)
         except ConversionCancelled as e:
             print(f"interrupted: {e}", file=sys.stderr)

@@ -44,7 +44,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a MindSpore .ckpt, HuggingFace GPTPangu folder, Megatron partitions, "
                                         ".npy folder or orbax store (default: the embedded tiny random model)")
-    p.add_argument("--model", choices=sorted(PRESETS), help="preset; inferred from the tensor shapes when omitted")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--model", choices=sorted(PRESETS), help="preset; inferred from the tensor shapes when omitted")
+    sizes.add_argument("--config", help="the model's config: our config.json or a HuggingFace one (for a size no "
+                                        "preset has)")
     p.add_argument("--dtype", choices=DTYPES, help="compute and storage dtype (default: the checkpoint's)")
     p.add_argument("--int8", action="store_true", help="weight-only int8 matrices (13B fits a 24 GB card)")
     p.add_argument("--prompt", action="append", help="a prompt; repeat for several (default: the 7 demo prompts)")
@@ -88,6 +91,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from pangu_jax import Tokenizer, generate, load_checkpoint, stream
     from pangu_jax.assets import EMBEDDED_CHECKPOINT, EMBEDDED_DESCRIPTION
+    from pangu_jax.checkpoints.loading import read_config
     from pangu_jax.compilation_cache import enable_compilation_cache
     from pangu_jax.layouts import per_layer
     from pangu_jax.sharding import make_mesh
@@ -100,7 +104,8 @@ def main(argv: list[str]) -> int:
         enable_compilation_cache(args.compilation_cache)
     mesh = make_mesh(args.mesh) if args.mesh else None
     start = time.perf_counter()
-    config, params = load_checkpoint(path, args.model, dtype=args.dtype, mesh=mesh, int8=args.int8)
+    model = read_config(args.config) if args.config else args.model
+    config, params = load_checkpoint(path, model, dtype=args.dtype, mesh=mesh, int8=args.int8)
     params = per_layer(params, free_stacked=True)  # the layout decoding reads fastest, the model held once
     placed = f" on a {dict(mesh.shape)} mesh" if mesh is not None else ""
     weights = ", int8 weights" if args.int8 else ""

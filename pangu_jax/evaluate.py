@@ -37,9 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -279,9 +277,16 @@ def evaluate_task(
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:
-    """The documents of a UTF-8 text file: separated by blank lines (whitespace only), each stripped."""
-    text = Path(path).read_text(encoding="utf-8")
-    return [document.strip() for document in re.split(r"\n[ \t\r\f\v]*\n", text) if document.strip()]
+    """The documents of a file as fine-tuning reads them (`train.documents`): plain text separated by blank
+    lines, or JSONL records (a supervised record's prompt and response as one text). A bad JSONL line is an
+    error naming it."""
+    from .train.documents import detect_format
+    from .train.documents import read_documents as read_records
+
+    records, bad = read_records(path, detect_format(path))
+    if bad:
+        raise ValueError(f"{bad[0]} ({len(bad)} bad line{'s' if len(bad) > 1 else ''} in all)")
+    return [record.text if record.prompt is None else f"{record.prompt}\n{record.text}" for record in records]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,6 +55,7 @@ def test_the_commands_of_the_current_results_are_commands_of_the_tools():
     assert parsed >= 13
 
 
+@pytest.mark.slow
 def test_decode_table_writes_its_rows(tmp_path, capsys):
     out = tmp_path / "rows.json"
     bench.main(["decode", "--model", "tiny", "--dtypes", "float32", "--prompt", "40", "--new-tokens", "4",
@@ -75,6 +76,7 @@ def test_decode_table_writes_its_rows(tmp_path, capsys):
     assert memory["weights_MiB"] > 0 and memory["prefill_temp_MiB"] > 0 and "decode_temp_MiB" in memory
 
 
+@pytest.mark.slow
 def test_ttft_table_times_generate_and_stream_cold_then_cached(tmp_path, capsys):
     out = tmp_path / "rows.json"
     bench.main(["ttft", "--model", "tiny", "--dtypes", "float32", "--new-tokens", "20", "--json", str(out)])
@@ -92,6 +94,7 @@ def test_ttft_table_names_an_unknown_via():
         bench.main(["ttft", "--model", "tiny", "--via", "generate,strem"])
 
 
+@pytest.mark.slow
 def test_profile_table_prints_kernels_families_and_idle(tmp_path, capsys):
     out = tmp_path / "profile.json"
     bench.main(["profile", "--model", "tiny", "--dtypes", "float32", "--batches", "1", "--json", str(out)])
@@ -104,6 +107,7 @@ def test_profile_table_prints_kernels_families_and_idle(tmp_path, capsys):
         assert f"## {title}" in printed
 
 
+@pytest.mark.slow
 def test_int8_quality_table_compares_int8_and_float32_with_bfloat16(tmp_path, capsys):
     out = tmp_path / "quality.json"
     bench.main(["int8-quality", "--quality-models", "fixture", "--json", str(out)])
@@ -122,6 +126,7 @@ def test_int8_quality_table_names_an_unknown_model():
         bench.main(["int8-quality", "--quality-models", "fixture,tiny"])
 
 
+@pytest.mark.slow
 def test_convert_table_measures_a_conversion_of_a_synthetic_file(tmp_path):
     out = tmp_path / "convert.json"
     checkpoint_bench.main(["convert", "--model", "tiny", "--workdir", str(tmp_path / "work"), "--json", str(out)])
@@ -136,6 +141,7 @@ def test_convert_table_measures_a_conversion_of_a_synthetic_file(tmp_path):
     assert [p.name for p in (tmp_path / "work").iterdir()] == ["synthetic_tiny_float16.ckpt"]
 
 
+@pytest.mark.slow
 def test_orbax_restore_table_writes_once_and_restores_onto_each_mesh(tmp_path, capsys):
     out = tmp_path / "restore.json"
     checkpoint_bench.main(["orbax-restore", "--model", "tiny", "--tensor", "1,2", "--workdir", str(tmp_path),
@@ -176,13 +182,15 @@ def test_median_time_warms_up_then_takes_the_median():
 
 
 def test_host_memory_of_a_child_is_its_own():
+    """The child's 200 MiB, not this test process's (over a GiB with JAX loaded)."""
     run = benchmarking.run_measuring_host_memory(
         [sys.executable, "-c", "import time; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); "
          "time.sleep(0.5)"])
     assert run.returncode == 0 and run.seconds >= 0.5
-    assert 200 << 20 <= run.peak_anonymous_bytes <= run.peak_rss_bytes < 400 << 20
+    assert 200 << 20 <= run.peak_anonymous_bytes <= run.peak_rss_bytes < 640 << 20
 
 
+@pytest.mark.slow
 def test_random_device_model_makes_the_preset_in_the_layout_asked():
     config, params = benchmarking.random_device_model("tiny", "bfloat16", layout="stacked")
     from pangu_jax.model import abstract_params
@@ -217,3 +225,20 @@ def test_kernel_families_drop_xla_numbering_only():
     assert benchmarking.kernel_family("pangu_decode_attention") == "pangu_decode_attention"
     # Numbers inside a library kernel's name (tile shapes) stay.
     assert benchmarking.kernel_family("sm90_xmma_gemm_bf16_128x64_nt_1") == "sm90_xmma_gemm_bf16_128x64_nt"
+
+
+@pytest.mark.slow
+def test_the_train_step_table_measures_its_rows(tmp_path, capsys):
+    from tests.conftest import load_script
+
+    train_bench = load_script("train/bench.py")
+    out = tmp_path / "rows.json"
+    train_bench.main(["finetune", "--model", "tiny", "--micro-batches", "2", "--remats", "full,none", "--seq-len", "16",
+                      "--steps", "2", "--peer-batches", "", "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    assert [(r["micro_batch"], r["remat"]) for r in record["rows"]] == [(2, "full"), (2, "none")]
+    for row in record["rows"]:
+        assert "error" not in row, row
+        assert row["tokens_per_s"] > 0 and row["flops_per_token"] > 0 and row["mfu"] is None  # no peak on a CPU
+        assert row["ratio_to_matmul"] > 0 and row["compile_s"] > 0
+    assert "| ours | tiny |" in capsys.readouterr().out

@@ -117,6 +117,7 @@ def _continuation(out: str, prompt: str) -> str:
     return out.split(f"Output is: {prompt}")[1].split("\n")[0]
 
 
+@pytest.mark.slow
 def test_streaming_int8_and_a_one_device_mesh_print_what_the_plain_run_prints(cli, base, capsys):
     args = ["--prompt", "四川的省会是?", "--max-new-tokens", "12", "--temperature", "0", *base]
     assert cli(args) == 0
@@ -139,6 +140,7 @@ def test_help_is_quick_and_says_what_every_option_does(cli):
     assert "MindSpore .ckpt, HuggingFace" in done.stdout
 
 
+@pytest.mark.slow
 def test_a_script_error_in_a_fresh_process_is_one_line(cli, tmp_path):
     done = cli.subprocess(["--checkpoint", tmp_path / "typo.ckpt", "--no-compilation-cache"])
     assert done.returncode == 1

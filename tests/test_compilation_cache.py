@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 _SCRIPT = r"""
 import sys
 from pangu_jax import PanguConfig, generate, init_params
@@ -21,6 +23,7 @@ print(generate(config, init_params(config, 0), [[5, 6, 7]], 4, temperature=0, st
 """
 
 
+@pytest.mark.slow
 def test_a_second_process_reuses_the_compiled_programs(tmp_path):
     cache = tmp_path / "xla"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -84,6 +87,7 @@ print(sorted(set(names)))
 """
 
 
+@pytest.mark.slow
 def test_a_fresh_process_compiles_only_the_prefill_and_decode_programs():
     """No small program of its own for the host's inputs or a stream's reads: each would be compiled again
     in every process, being too quick to compile for the persistent cache to keep. A stream hands out its

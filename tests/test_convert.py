@@ -296,6 +296,7 @@ def _pieces_written(folder: Path) -> int:
     return sum(1 for temporary in folder.glob(".store.*.tmp") for _ in temporary.glob("params/*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, pieces", [(signal.SIGINT, 0), (signal.SIGINT, 6), (signal.SIGTERM, 3),
                                             (signal.SIGINT, 20)])
 def test_a_signalled_conversion_stops_cleanly_and_leaves_nothing(cli, tmp_path, big_source, signum, pieces):
@@ -312,6 +313,7 @@ def test_a_signalled_conversion_stops_cleanly_and_leaves_nothing(cli, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pieces", [0, 10])
 def test_after_a_kill_the_next_conversion_removes_what_was_left(cli, tmp_path, big_source, pieces):
     dst = tmp_path / "store"
@@ -346,3 +348,28 @@ def test_a_running_conversions_temporary_is_left_alone(tmp_path):
     running = tmp_path / f".store.{os.getpid()}-{'b' * 32}.tmp"
     running.mkdir()
     assert clear_stale(tmp_path / "store") == [] and running.exists()
+
+
+def test_a_model_of_a_size_no_preset_has_converts_with_a_config_file(cli, tmp_path, capsys):
+    """A MindSpore file records no head count: one of our config files, or a HuggingFace one, gives it."""
+    import json
+
+    from pangu_jax import PanguConfig
+    from pangu_jax.checkpoints.hf_format import hf_config_dict
+    from pangu_jax.checkpoints.mindspore_format import write_mindspore
+    from pangu_jax.checkpoints.synthetic import random_mindspore_tensors
+
+    config = PanguConfig.preset("tiny", num_layers=5, num_heads=8)
+    src = tmp_path / "odd.ckpt"
+    write_mindspore(src, random_mindspore_tensors(config))
+    assert cli([str(src), str(tmp_path / "a"), "--quiet"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "matches no preset", "--config")
+    ours, theirs = tmp_path / "ours.json", tmp_path / "config.json"
+    ours.write_text(config.to_json())
+    theirs.write_text(json.dumps(hf_config_dict(config, np.dtype(np.float16))))
+    for name, given in (("a", ours), ("b", theirs)):
+        assert cli([str(src), str(tmp_path / name), "--config", str(given), "--quiet", "--check"]) == 0
+        assert "layers 5, heads 8" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text('{"num_heads": "8"}')
+    assert cli([str(src), str(tmp_path / "c"), "--config", str(tmp_path / "bad.json"), "--quiet"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "bad.json")

@@ -44,9 +44,10 @@ def _want(new, biases, keys, values, positions, query, index, scale):
     return _explicit(q, keys, values, positions, query, scale), keys, values
 
 
-@pytest.mark.parametrize("stacked", [True, False])
-@pytest.mark.parametrize("slots, index, head_dim", [(20, 11, 10), (144, 96, 80), (70, 69, 16), (130, 64, 8),
-                                                   (300, 250, 16), (300, 11, 10), (260, 259, 8)])
+@pytest.mark.parametrize("stacked", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("slots, index, head_dim", [(20, 11, 10), (144, 96, 80), *(pytest.param(*case, marks=pytest.mark.slow)
+                                                   for case in [(70, 69, 16), (130, 64, 8), (300, 11, 10)]),
+                                                   (300, 250, 16), (260, 259, 8)])
 def test_kernel_writes_the_new_slot_and_equals_the_explicit_attention(slots, index, head_dim, stacked):
     """Head dims that are not powers of two, caches not a whole number of blocks, the new slot first in a
     block, left padding; projections stacked in one array or three. From 256 slots the (row, head)s'
@@ -120,6 +121,7 @@ def test_kernel_keeps_bfloat16_and_rounds_the_new_key_to_the_cache_dtype():
     np.testing.assert_allclose(np.asarray(got[0], np.float32), want, atol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompts", [[[31, 47, 320, 155], [5, 9], [77, 78, 79, 80, 81, 82, 83, 84, 85]],
                                      [[77, 78, 79, 80, 81, 82, 83, 84, 85]]], ids=["batch-3-stacked", "batch-1-three"])
 def test_greedy_decoding_through_the_kernel_equals_the_explicit_path(prompts):

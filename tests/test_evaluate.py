@@ -100,6 +100,7 @@ def test_length_normalisation_can_change_the_answer(forced):
     assert second < first < -20  # the forced tokens cost next to nothing
 
 
+@pytest.mark.slow
 def test_batching_and_padding_change_no_score(tiny_fp32):
     config, params = tiny_fp32
     examples = [Example("the film " * n + "was", ("good", "bad very dull", "fine"), 0) for n in range(1, 8)]
@@ -293,6 +294,7 @@ def base(vocab_path):
     return ["--vocab", str(vocab_path), "--no-compilation-cache", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_the_script_scores_the_shopping_reviews(script, base, reviews, capsys):
     assert script(["--task", "shopping-sentiment", "--limit", "12", *base]) == 0
     out, err = capsys.readouterr()

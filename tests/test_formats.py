@@ -399,6 +399,7 @@ def test_orbax_without_the_no_copy_switch_still_writes_the_store(tmp_path, monke
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_save_orbax_refuses_a_tree_the_config_does_not_describe(tmp_path):
     convert(FP32, tmp_path / "store", progress=False)
     config, params = load_orbax(tmp_path / "store")
@@ -436,6 +437,7 @@ def test_orbax_int8_stores_are_read_as_they_are_and_never_converted(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_orbax_restores_straight_into_a_mesh_and_saves_from_it(tmp_path):
     convert(FP32, tmp_path / "store", progress=False)
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "tensor"))

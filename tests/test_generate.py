@@ -110,6 +110,7 @@ def _penalised_greedy(config, params, prompt, steps, penalty):
     return seq[len(prompt):]
 
 
+@pytest.mark.slow
 def test_repetition_penalty_matches_a_step_by_step_reference(tiny_fp32):
     config, params = tiny_fp32
     prompts = [GREEDY[1]["prompt"], GREEDY[0]["prompt"][:3]]
@@ -118,6 +119,7 @@ def test_repetition_penalty_matches_a_step_by_step_reference(tiny_fp32):
     assert out[0] != GREEDY[1]["new_tokens"]  # the plain greedy path repeats token 200; the penalty breaks it
 
 
+@pytest.mark.slow
 def test_each_row_samples_with_its_own_seed(tiny_fp32):
     config, params = tiny_fp32
     rng = np.random.default_rng(1)
@@ -130,7 +132,7 @@ def test_each_row_samples_with_its_own_seed(tiny_fp32):
         generate(config, params, prompts, 4, seed=[1, 2])
 
 
-@pytest.mark.parametrize("count", [40, 5, 17])  # several chunks; one, longer than needed; one, just enough
+@pytest.mark.parametrize("count", [pytest.param(40, marks=pytest.mark.slow), 5, pytest.param(17, marks=pytest.mark.slow)])  # several chunks; one, longer than needed; one, just enough
 def test_streaming_hands_out_the_same_tokens_chunk_by_chunk(tiny_fp32, count):
     config, params = tiny_fp32
     prompts = [GREEDY[0]["prompt"], GREEDY[1]["prompt"][:2]]
@@ -152,7 +154,7 @@ def test_decoding_runs_no_step_past_the_rows_limits(tiny_fp32, counts, steps):
     assert [len(row) for row in run.tokens()] == list(counts)
 
 
-@pytest.mark.parametrize("counts, first", [((5,), 5), ((20, 3), 1 + 16)])
+@pytest.mark.parametrize("counts, first", [((5,), 5), pytest.param((20, 3), 1 + 16, marks=pytest.mark.slow)])
 def test_a_stream_chunk_stops_when_every_row_is_done(tiny_fp32, counts, first):
     """After the prefill's token, a chunk runs at most CHUNK steps and stops when every row is done (the
     step counter reads `first` after one chunk): the last runs only the steps left, a chunk after it none."""

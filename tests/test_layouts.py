@@ -182,7 +182,7 @@ def test_unknown_weight_format_is_refused():
 REDUCED = PanguConfig.preset("tiny", dtype="float32", matvec="reduction")
 
 
-@pytest.mark.parametrize("weights", ["float", "int8"])
+@pytest.mark.parametrize("weights", ["float", pytest.param("int8", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("equation, x_shape, w_shape, channels, reduced", [
     ("bte,nke->btnk", (1, 1, 8), (3, 4, 8), (0, 1), True),  # query/key/value: output first
     ("bti,ei->bte", (1, 1, 6), (5, 6), (0,), True),  # attention output
@@ -212,7 +212,7 @@ def test_a_product_of_one_row_as_a_reduction_equals_the_einsum(weights, equation
     np.testing.assert_allclose(one_row, einsum, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("weights", ["float", "int8"])
+@pytest.mark.parametrize("weights", ["float", pytest.param("int8", marks=pytest.mark.slow)])
 def test_cached_generation_with_reductions_equals_teacher_forced_argmax(tiny_fp32, weights):
     config, params = quantize_params(*tiny_fp32) if weights == "int8" else tiny_fp32
     config = config.replace(matvec="reduction")
@@ -245,6 +245,7 @@ def _block_calls(jaxpr) -> list:
     return calls
 
 
+@pytest.mark.slow
 def test_every_per_layer_block_reuses_one_trace():
     config = PanguConfig.preset("tiny", num_layers=6)
     params = per_layer(init_params(config, 0))

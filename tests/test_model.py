@@ -38,7 +38,8 @@ def _logits(config, params, seq):
 
 @pytest.mark.parametrize("ckpt, expected, activation",
                          [(c, e, a) for c, cases in CASES.items() for e, a in cases])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow),
+                                   pytest.param("float16", marks=pytest.mark.slow)])
 def test_logits_match_the_reference(ckpt, expected, activation, dtype, sequences):
     config, params = load_checkpoint(FIXTURES / f"{ckpt}.ckpt")
     config = config.replace(activation=activation, dtype=dtype)
@@ -89,6 +90,7 @@ def _as_stored(tensors):
     activation=st.sampled_from(["gelu_tanh", "gelu_erf"]),
     seed=st.integers(0, 2**31 - 1),
 )
+@pytest.mark.slow
 def test_model_agrees_with_an_independent_numpy_pass(heads, head_dim, layers, length, activation, seed):
     config = PanguConfig(vocab_size=97, hidden_size=heads * head_dim, num_layers=layers, num_heads=heads,
                          ffn_size=4 * heads * head_dim, max_positions=16, activation=activation)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from pangu_jax.assets import EMBEDDED_CHECKPOINT
 
 README = Path(__file__).parents[1] / "README.md"
 RELEASED_FILES = ("PanguAlpha_2.6B_fp16.ckpt", "PanguAlpha_13B_fp16.ckpt")
 
 
+@pytest.mark.slow
 def test_the_python_examples_run(vocab_path, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
     assert len(blocks) >= 2

@@ -32,8 +32,9 @@ def unsharded(tiny_fp32):
             "logits": forward(config, params, jnp.asarray([PROMPTS[2]]))[0]}
 
 
-@pytest.mark.parametrize("shape", ["tensor=4", "data=2,tensor=4", "data=2,tensor=2", "data=8"])
-@pytest.mark.parametrize("layout", [stacked, per_layer])
+@pytest.mark.parametrize("shape", [*(pytest.param(s, marks=pytest.mark.slow) for s in ("tensor=4", "data=2,tensor=2", "data=8")),
+                                   "data=2,tensor=4"])
+@pytest.mark.parametrize("layout", [pytest.param(stacked, marks=pytest.mark.slow), per_layer])
 def test_sharded_generation_equals_unsharded(tiny_fp32, unsharded, shape, layout):
     config, params = tiny_fp32
     placed = shard_params(config, layout(params), make_mesh(shape))
@@ -57,6 +58,7 @@ def test_loading_onto_a_mesh_places_each_parameter_by_the_rules(unsharded):
     assert generate(config, layers, PROMPTS, 8, **SAMPLED) == unsharded["sampled"]
 
 
+@pytest.mark.slow
 def test_the_vocabulary_split_over_tensor_generates_the_same(tiny_fp32, unsharded):
     config, params = tiny_fp32
     split = shard_params(config, per_layer(params), make_mesh("tensor=4"), rules=RULES_SPLIT_VOCAB)
@@ -64,12 +66,14 @@ def test_the_vocabulary_split_over_tensor_generates_the_same(tiny_fp32, unsharde
     assert generate(config, split, PROMPTS, 8, **GREEDY, rules=RULES_SPLIT_VOCAB) == unsharded["greedy"]
 
 
+@pytest.mark.slow
 def test_int8_weights_on_a_mesh_generate_the_same(tiny_fp32, unsharded):
     config8, int8 = quantize_params(*tiny_fp32)
     placed = shard_params(config8, per_layer(int8), make_mesh("data=2,tensor=4"))
     assert generate(config8, placed, PROMPTS, 8, **GREEDY) == unsharded["int8"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["tensor=4", "data=2,tensor=4"])
 def test_the_gpu_decode_paths_keep_their_splits_on_a_mesh(tiny_fp32, unsharded, shape):
     """The decode-attention kernel (interpreted) and one-row products as reductions, on the mesh: each row
@@ -154,6 +158,7 @@ def test_replicated_vocabulary_needs_no_divisible_vocab():
     check_mesh(PanguConfig.preset("13B", vocab_size=40001), _FakeMesh(data=1, tensor=4), RULES)
 
 
+@pytest.mark.slow
 def test_one_device_mesh_runs_the_model_unchanged(tiny_fp32):
     config, params = tiny_fp32
     placed = shard_params(config, params, make_mesh("tensor=1", jax.devices()[:1]))

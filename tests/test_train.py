@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pangu_jax import PanguConfig, forward, init_params, load_checkpoint
+from pangu_jax.model import abstract_params
 from pangu_jax.layouts import per_layer, stacked
 from pangu_jax.sharding import make_mesh
 from pangu_jax.train.config import TrainConfigError, load_train_config
@@ -118,6 +119,7 @@ def _packed_batch(config, rng):
     return tokens, targets, positions, segments, weights, lengths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [stacked, per_layer])
 def test_gradients_agree_with_finite_differences_in_float64(layout):
     with jax.enable_x64(True):
@@ -171,7 +173,7 @@ def test_a_packed_document_computes_what_it_computes_alone(tiny_fp32):
 # --- the step ----------------------------------------------------------------------------------
 
 
-def _tiny_trainer(mesh_shape: str, accumulation: int = 1) -> tuple[Trainer, PanguConfig]:
+def _tiny_trainer(mesh_shape: str, accumulation: int = 1, remat: str = "none") -> tuple[Trainer, PanguConfig]:
     """A trainer of the tiny preset. Adam's eps is raised: far below a gradient's rounding noise, Adam would
     blow that noise up to a whole step wherever a gradient is all but zero (the key bias's is zero in exact
     arithmetic), and two summation orders could not be compared."""
@@ -179,7 +181,7 @@ def _tiny_trainer(mesh_shape: str, accumulation: int = 1) -> tuple[Trainer, Pang
 
     config = PanguConfig.preset("tiny", dtype="float32")
     opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0, eps=1e-4), 10)
-    return Trainer(config.resolved(), opt, make_mesh(mesh_shape), accumulation=accumulation, remat="full"), config
+    return Trainer(config.resolved(), opt, make_mesh(mesh_shape), accumulation=accumulation, remat=remat), config
 
 
 def _random_batch(config, rows=8, length=16, seed=0):
@@ -195,10 +197,11 @@ def _spec(array) -> tuple:
     return spec + (None,) * (array.ndim - len(spec))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["fsdp=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"])
 def test_a_sharded_step_equals_the_unsharded_one(shape):
-    one, config = _tiny_trainer("fsdp=1")
-    many, _ = _tiny_trainer(shape)
+    one, config = _tiny_trainer("fsdp=1", remat="full")
+    many, _ = _tiny_trainer(shape, remat="full")
     params = _randomised(init_params(config, 0))
     states = [t.new_state(jax.tree.map(jnp.copy, params)) for t in (one, many)]
     for step in range(2):
@@ -216,6 +219,7 @@ def test_a_sharded_step_equals_the_unsharded_one(shape):
     assert _spec(mu) == _spec(up) and mu.sharding.mesh == up.sharding.mesh
 
 
+@pytest.mark.slow
 def test_micro_batches_sum_to_the_whole_batch():
     whole, config = _tiny_trainer("fsdp=1")
     pieces, _ = _tiny_trainer("fsdp=1", accumulation=4)
@@ -244,7 +248,7 @@ def test_a_step_whose_loss_is_not_finite_is_skipped_and_counted():
 def test_weight_decay_spares_biases_and_layernorm():
     from pangu_jax.train.optimizer import decay_mask
 
-    mask = decay_mask(init_params(PanguConfig.preset("tiny"), 0))
+    mask = decay_mask(abstract_params(PanguConfig.preset("tiny")))
     assert mask["blocks"]["attention"]["query_kernel"] and mask["word_embedding"] and mask["position_embedding"]
     assert not mask["blocks"]["attention"]["query_bias"] and not mask["final_ln"]["scale"]
     assert not mask["blocks"]["ln1"]["bias"] and not mask["top_query_layer"]["mlp"]["down_bias"]
@@ -259,9 +263,9 @@ def _metrics(out: Path) -> list[dict]:
 
 def _saved_state(config_overrides, out: Path, step: int):
     config = load_train_config(DEMO, config_overrides)
-    from pangu_jax.train.loop import _mesh, load_model
+    from pangu_jax.train.loop import load_model, run_mesh
 
-    mesh = _mesh(config)
+    mesh = run_mesh(config)
     model, params = load_model(config, mesh)
     trainer = make_trainer(config, model, mesh)
     store = StateStore(out / "checkpoints", keep=config.run.keep)
@@ -410,3 +414,20 @@ def test_two_processes_train_save_and_resume_as_one_does(corpus, vocab_path, tmp
     (_, two), (_, one) = (load_checkpoint(out / "model") for out in runs.values())
     for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_ppl_prints_the_perplexity_the_harness_computes(corpus, vocab_path, capsys):
+    from pangu_jax import Tokenizer
+    from pangu_jax.assets import EMBEDDED_CHECKPOINT
+    from pangu_jax.evaluate import perplexity, read_documents
+
+    cli = ScriptRunner("train/eval_ppl.py")
+    assert cli(["--checkpoint", str(EMBEDDED_CHECKPOINT), "--data", str(corpus), "--vocab", str(vocab_path),
+                "--quiet"]) == 0
+    config, params = load_checkpoint(EMBEDDED_CHECKPOINT)
+    want = perplexity(config, params, Tokenizer(vocab_path), read_documents(corpus))
+    assert f"perplexity {want.perplexity:.4g} (mean loss {want.loss:.4f} nats over {want.tokens} tokens" in \
+        capsys.readouterr().out
+    assert cli(["--checkpoint", str(EMBEDDED_CHECKPOINT), "--data", "absent.txt"]) == 1
+    assert_one_error_line(capsys.readouterr().err, "'absent.txt' does not exist")

@@ -34,7 +34,7 @@ from .layout import mindspore_slots
 from .storage import LazyTensor, implausible_dims
 from .torch_pickle import check_dims, import_torch, load_torch, torch_dtype, torch_to_numpy
 
-__all__ = ["HF_BLOCK", "HF_GLOBALS", "hf_config_dict", "hf_names", "is_hf_dir", "read_hf", "write_hf"]
+__all__ = ["HF_BLOCK", "HF_GLOBALS", "hf_config", "hf_config_dict", "hf_names", "is_hf_dir", "read_hf", "write_hf"]
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -278,17 +278,29 @@ def _config_from_fields(file: Path, fields: dict, stored: Mapping[str, LazyTenso
     require("max_position_embeddings", lambda v: v == positions, "transformer.wpe.weight", f"{positions} positions")
     require("intermediate_size", lambda v: (v or 4 * hidden) == ffn, "transformer.h.0.mlp.c_fc.weight", f"FFN size {ffn}")
     require("num_layers", lambda v: v == layers, f"transformer.h.{layers - 1}.*", f"{layers} layers")
+    return _config(file, fields, vocab_size=rows, hidden_size=hidden, num_layers=layers, ffn_size=ffn,
+                   max_positions=positions)
+
+
+def hf_config(file: Path, fields: dict) -> PanguConfig:
+    """The PanguConfig a GPTPangu config.json's fields describe, on their own (their types checked)."""
+    _check_types(file, fields)
+    hidden = fields["hidden_size"]
+    return _config(file, fields, vocab_size=fields["vocab_size"], hidden_size=hidden, num_layers=fields["num_layers"],
+                   ffn_size=fields.get("intermediate_size") or 4 * hidden,
+                   max_positions=fields["max_position_embeddings"])
+
+
+def _config(file: Path, fields: dict, **sizes) -> PanguConfig:
+    """`sizes` with the heads, epsilon and activation of `fields`; what does not make a model is named."""
     activation = fields.get("activation_function", _DEFAULT_ACTIVATION)
     if activation not in _ACTIVATIONS:
         raise CheckpointFormatError(
             f"{file}: field activation_function={activation!r} is not supported; expected one of {', '.join(_ACTIVATIONS)}"
         )
     try:
-        return PanguConfig(
-            vocab_size=rows, hidden_size=hidden, num_layers=layers, num_heads=fields["num_heads"], ffn_size=ffn,
-            max_positions=positions, layer_norm_epsilon=float(fields.get("layer_norm_epsilon", 1e-5)),
-            activation=_ACTIVATIONS[activation],
-        )
+        return PanguConfig(num_heads=fields["num_heads"], layer_norm_epsilon=float(fields.get("layer_norm_epsilon", 1e-5)),
+                           activation=_ACTIVATIONS[activation], **sizes)
     except ValueError as e:  # e.g. num_heads does not divide hidden_size
         raise CheckpointFormatError(f"{file}: {e}") from None
 

@@ -39,7 +39,7 @@ def infer_config(source: str, tensors: Mapping[str, StoredTensor]) -> PanguConfi
             return PanguConfig.preset(name, vocab_size=vocab, max_positions=positions)
     raise CheckpointMismatchError(
         f"{source}: hidden size {hidden} with {layers} layers matches no preset "
-        f"({', '.join(PRESETS)}); pass a PanguConfig to say how many heads it has"
+        f"({', '.join(PRESETS)}); say how many heads it has: a config file (--config in the scripts) or a PanguConfig"
     )
 
 

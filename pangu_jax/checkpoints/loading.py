@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from jax.sharding import Mesh
 
-from ..config import PanguConfig, dtype_name
+from ..config import ConfigError, PanguConfig, dtype_name
 from ..quantize import quantize_params
 from ..sharding import RULES, Rules
 from .errors import CheckpointFormatError, CheckpointMismatchError
-from .hf_format import is_hf_dir, read_hf
+from .hf_format import hf_config, is_hf_dir, read_hf
 from .loader import assemble_params
 from .megatron_format import is_megatron_dir, read_megatron
 from .mindspore_format import read_mindspore_index
 from .npy_format import read_npy_dir
 from .orbax_store import MARKER, load_orbax, mindspore_view, read_orbax_config
 
-__all__ = ["Source", "detect_format", "load_checkpoint", "open_source"]
+__all__ = ["Source", "detect_format", "load_checkpoint", "open_source", "read_config"]
 
 _SIZE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_positions")
 
@@ -143,3 +144,26 @@ def _keep_sizes(path: Path, stored: PanguConfig, given: PanguConfig | None) -> P
     if differ:
         raise CheckpointMismatchError(f"{path}: the given config differs from the store's: {', '.join(differ)}")
     return given.replace(param_dtype=stored.param_dtype, dtype=stored.dtype)
+
+
+def read_config(path: str | os.PathLike) -> PanguConfig:
+    """The model a JSON file describes: our config.json (`PanguConfig.to_json`) or a HuggingFace GPTPangu one.
+
+    For checkpoints that record no config and match no preset (a MindSpore
+    or .npy file of another size): `load_checkpoint(path, read_config(...))`.
+    """
+    path = Path(path)
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config fields")
+    if "model_type" in fields or "max_position_embeddings" in fields:
+        return hf_config(path, fields)
+    try:
+        return PanguConfig.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None

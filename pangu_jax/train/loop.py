@@ -34,7 +34,7 @@ from .optimizer import make_optimizer, schedule
 from .state_store import StateStore
 from .step import TrainState, Trainer
 
-__all__ = ["RunResult", "finetune", "load_model", "make_trainer"]
+__all__ = ["RunResult", "TrainingStopped", "finetune", "load_model", "make_trainer", "run_mesh"]
 
 
 class TrainingStopped(RuntimeError):
@@ -77,7 +77,7 @@ def make_trainer(config: TrainConfig, model: PanguConfig, mesh) -> Trainer:
                    seed=config.run.seed)
 
 
-def _mesh(config: TrainConfig):
+def run_mesh(config: TrainConfig):
     """The run's mesh (default: every device on fsdp), checked against the micro-batch it splits."""
     mesh = make_mesh(config.run.mesh or f"fsdp={jax.device_count()}")
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -93,7 +93,7 @@ def finetune(config: TrainConfig, *, vocab_path: str | None = None, cancel: thre
     """Run (or resume) the fine-tuning `config` describes; see the module docstring."""
     out = Path(config.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    mesh = _mesh(config)
+    mesh = run_mesh(config)
     model, params = load_model(config, mesh)
     trainer = make_trainer(config, model, mesh)
     data = load_data(config.data, vocab_path)

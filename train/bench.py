@@ -1,0 +1,216 @@
+"""Fine-tuning benchmark: tokens/s, model FLOPs utilisation and peak memory of the train step, beside the peer.
+
+    python train/bench.py finetune --model 2.6B --micro-batches 4,8 --remats full,dots_with_no_batch_dims
+    python train/bench.py finetune --model 13B --micro-batches 4 --lora-rank 16 --param-dtype bfloat16 --peer-batches ''
+    python train/bench.py run --model 2.6B --steps 300 --micro-batch 8     # a whole run on the People's Daily
+
+`finetune`: our compiled train step (random weights of a preset, random
+tokens; speed does not depend on either) for each micro-batch and remat
+policy, each case in its own process, and in the same run the PyTorch peer
+a user would pick instead: HuggingFace transformers' GPT-2 of identical
+dimensions with bf16 autocast, fused AdamW, SDPA attention and
+torch.compile. Model FLOPs per token follow MaxText's convention
+(`pangu_jax.train.metrics.flops_per_token`: 6 x matmul parameters +
+attention + logits; with LoRA the base matrices count 4, no weight
+gradient); MFU is given against the card's dense bf16 peak (989 TFLOP/s
+for H100 and H200) and against the bf16 matmul rate measured in the same
+process. `run`: `train/finetune.py` itself with the given overrides, for a
+loss curve and the loop's own timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pangu_jax.benchmarking import BenchTool, Table, measure_matmul_rate, peak_device_bytes
+
+TOOL = BenchTool(__file__, __doc__)
+
+
+@TOOL.case
+def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int, dtype: str = "bfloat16",
+              param_dtype: str = "float32", lora_rank: int = 0, moments: str = "float32") -> dict:
+    """Our train step on one device: seconds per step (median of `steps` after two to compile), MFU, peak memory."""
+    import statistics
+
+    import jax
+    import numpy as np
+
+    from pangu_jax.benchmarking import random_device_model
+    from pangu_jax.sharding import TRAIN_RULES, make_mesh, param_shardings
+    from pangu_jax.train.config import OptimizerConfig
+    from pangu_jax.train.lora import init_adapters, join
+    from pangu_jax.train.metrics import flops_per_token, peak_flops
+    from pangu_jax.train.optimizer import make_optimizer
+    from pangu_jax.train.step import Trainer
+
+    config, params = random_device_model(model, param_dtype, layout="stacked")
+    config = config.replace(dtype=dtype, lora_rank=lora_rank)
+    mesh = make_mesh("fsdp=1")
+    if lora_rank:
+        params = join(init_adapters(config, jax.random.key(1), param_shardings(config, mesh, rules=TRAIN_RULES)),
+                      params)
+    optimizer = make_optimizer(OptimizerConfig(warmup_steps=10, moments_dtype=moments), 1000)
+    trainer = Trainer(config.resolved(), optimizer, mesh, remat=remat)
+    state = trainer.new_state(params)
+    del params
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(10, config.vocab_size, (micro_batch, seq_len + 1)).astype(np.int32)
+    batch = trainer.place_batch({
+        "tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (micro_batch, seq_len)).copy(),
+        "segment_ids": np.ones((micro_batch, seq_len), np.int32),
+        "loss_weights": np.ones((micro_batch, seq_len), np.float32)})
+    start = time.perf_counter()
+    state, metrics = trainer.step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    state, metrics = trainer.step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = trainer.step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    tokens_per_s = micro_batch * seq_len / seconds
+    flops = flops_per_token(config, seq_len, adapters_only=bool(lora_rank))
+    matmul = measure_matmul_rate()
+    peak = peak_flops()
+    return {"case": "ours", "model": model, "lora_rank": lora_rank, "micro_batch": micro_batch, "remat": remat,
+            "dtype": dtype, "param_dtype": param_dtype, "moments": moments, "seq_len": seq_len,
+            "step_s": seconds, "tokens_per_s": tokens_per_s, "compile_s": compile_s, "flops_per_token": flops,
+            "tflops": flops * tokens_per_s / 1e12, "mfu": flops * tokens_per_s / peak if peak else None,
+            "matmul_tflops": matmul / 1e12, "ratio_to_matmul": flops * tokens_per_s / matmul,
+            "loss": float(metrics["loss"]), "peak_MiB": peak_device_bytes() / 2**20}
+
+
+@TOOL.case
+def case_peer(model: str, batch: int, seq_len: int, steps: int, compile: bool = True) -> dict:
+    """HuggingFace GPT-2 of the same dimensions, bf16 autocast, fused AdamW, SDPA, torch.compile: one step's time."""
+    import statistics
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pangu_jax import PanguConfig
+    from pangu_jax.train.metrics import flops_per_token, peak_flops
+
+    c = PanguConfig.preset(model)
+    cfg = GPT2Config(n_embd=c.hidden_size, n_layer=c.num_layers, n_head=c.num_heads, n_positions=c.max_positions,
+                     vocab_size=c.vocab_size, n_inner=c.ffn_size, attn_implementation="sdpa",
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    with torch.device("cuda"):
+        net = GPT2LMHeadModel(cfg).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    ids = torch.randint(10, c.vocab_size, (batch, seq_len), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    run = torch.compile(step) if compile else step
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - start
+    run()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    tokens_per_s = batch * seq_len / seconds
+    flops = flops_per_token(c, seq_len)
+    peak = peak_flops()
+    return {"case": "peer (torch.compile)" if compile else "peer (eager)", "model": model, "micro_batch": batch,
+            "seq_len": seq_len, "step_s": seconds, "tokens_per_s": tokens_per_s, "compile_s": compile_s,
+            "flops_per_token": flops, "tflops": flops * tokens_per_s / 1e12,
+            "mfu": flops * tokens_per_s / peak if peak else None,
+            "peak_MiB": torch.cuda.max_memory_allocated() / 2**20, "torch": torch.__version__}
+
+
+@TOOL.table("finetune")
+def table_finetune(args: argparse.Namespace) -> Table:
+    rows = [TOOL.run_case("step", model=args.model, micro_batch=b, remat=r, seq_len=args.seq_len, steps=args.steps,
+                          dtype=args.dtype, param_dtype=args.param_dtype, lora_rank=args.lora_rank,
+                          moments=args.moments)
+            for b in _ints(args.micro_batches) for r in args.remats.split(",")]
+    peers = [TOOL.run_case("peer", model=args.model, batch=b, seq_len=args.seq_len, steps=args.steps)
+             for b in _ints(args.peer_batches)]
+    best_peer = max((row.get("tokens_per_s", 0) for row in peers), default=0)
+    for row in rows:
+        if best_peer and "tokens_per_s" in row:
+            row["ratio_to_peer"] = row["tokens_per_s"] / best_peer
+    return Table(rows + peers, ["case", "model", "lora_rank", "micro_batch", "remat", "moments", "step_s",
+                                "tokens_per_s", "tflops", "mfu", "ratio_to_matmul", "matmul_tflops",
+                                "ratio_to_peer", "peak_MiB", "compile_s", "error"])
+
+
+@TOOL.case
+def case_run(overrides: list[str]) -> dict:
+    """train/finetune.py's loop with `overrides` over the 2.6B-full config: its last record and the loss curve."""
+    import json
+    from pathlib import Path
+
+    from pangu_jax.train.config import load_train_config
+    from pangu_jax.train.loop import finetune
+
+    config = load_train_config(Path(__file__).parent / "configs" / "2.6B-full.yaml", overrides)
+    result = finetune(config, progress=False)
+    records = [json.loads(line) for line in (Path(config.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    speeds = [r for r in records if "tokens_per_s" in r]
+    return {"case": "run", "overrides": " ".join(overrides), "steps": result.steps, "first_loss": curve[0][1],
+            "last_loss": result.last_loss, "eval_loss": result.eval_loss,
+            "tokens_per_s": speeds[-1]["tokens_per_s"] if speeds else None,
+            "mfu": speeds[-1].get("mfu") if speeds else None, "peak_MiB": peak_device_bytes() / 2**20,
+            "curve": curve, "evaluations": [r for r in records if "eval_loss" in r]}
+
+
+@TOOL.table("run")
+def table_run(args: argparse.Namespace) -> Table:
+    overrides = [f"model.preset={args.model}", f"run.steps={args.steps}", f"run.micro_batch={args.micro_batch}",
+                 f"data.batch_size={args.micro_batch}", f"run.output_dir={args.output_dir}", *args.overrides]
+    return Table([TOOL.run_case("run", overrides=overrides)],
+                 ["case", "steps", "first_loss", "last_loss", "eval_loss", "tokens_per_s", "mfu", "peak_MiB",
+                  "error"])
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = TOOL.parser()
+    p.add_argument("--model", default="2.6B")
+    p.add_argument("--micro-batches", default="4,8", help="finetune: rows a step (one micro-batch each)")
+    p.add_argument("--remats", default="full,dots_with_no_batch_dims", help="finetune: remat policies")
+    p.add_argument("--peer-batches", default="4", help="finetune: the peer's batches ('' for none)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=10, help="finetune: timed steps; run: the run's steps")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    p.add_argument("--param-dtype", default="float32", help="the stored (master) weights' dtype")
+    p.add_argument("--moments", default="float32", help="finetune: Adam's moments' dtype")
+    p.add_argument("--lora-rank", type=int, default=0, help="finetune: adapters on query and value (0: none)")
+    p.add_argument("--micro-batch", type=int, default=8, help="run: rows a step")
+    p.add_argument("--output-dir", default="runs/bench", help="run: the run's folder")
+    p.add_argument("overrides", nargs="*", help="run: more train/finetune.py overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    TOOL.main(argv, parse_args)
+
+
+if __name__ == "__main__":
+    main()
