@@ -8,6 +8,7 @@
     python infer/bench.py tensor-parallel --model 13B --tensor 1,2,4
     python infer/bench.py profile  --model 2.6B --batches 1 [--mesh tensor=4]
     python infer/bench.py int8-quality --model 2.6B
+    python infer/bench.py evaluate --model 2.6B --dtypes bfloat16 --batches 8,32
 
 Each case runs in its own process, so that its peak GPU memory is its own.
 Every speed table states the card, the physical limit measured in the same
@@ -332,6 +333,32 @@ def _list(text: str, kind=str) -> list:
     return [kind(part) for part in text.split(",") if part]
 
 
+@TOOL.case
+def case_evaluate(model: str, dtype: str, examples: int, batch_size: int) -> dict:
+    """The zero-shot harness on the offline shopping-sentiment task: examples scored a second (random weights)."""
+    from pangu_jax import Tokenizer
+    from pangu_jax.evaluate import evaluate_task, shopping_sentiment
+
+    config, params = random_device_model(model, dtype, layout="stacked")
+    tokenizer = Tokenizer()
+    task = shopping_sentiment(size=examples)
+    evaluate_task(config, params, tokenizer, task[:batch_size], batch_size=batch_size)  # compile
+    start = time.perf_counter()
+    result = evaluate_task(config, params, tokenizer, task, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    return {"case": "evaluate", "model": model, "dtype": dtype, "task": "shopping-sentiment", "examples": examples,
+            "batch_size": batch_size, "seconds": seconds, "examples_per_s": examples / seconds,
+            "accuracy": result.accuracy, "majority": result.majority_accuracy, "peak_MiB": peak_device_bytes() / 2**20}
+
+
+@TOOL.table("evaluate")
+def evaluate_table(args: argparse.Namespace) -> Table:
+    rows = [TOOL.run_case("evaluate", model=args.model, dtype=d, examples=args.examples, batch_size=b)
+            for d in args.dtypes.split(",") for b in map(int, args.batches.split(","))]
+    return Table(rows, ["case", "model", "dtype", "examples", "batch_size", "seconds", "examples_per_s", "accuracy",
+                        "majority", "peak_MiB", "error"])
+
+
 @TOOL.table("decode")
 def decode_table(args: argparse.Namespace) -> Table:
     """Batch-1 decode speed against the bandwidth limit, and peak memory."""
@@ -467,6 +494,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quality-models", default=",".join(QUALITY_MODELS),
                    help="int8-quality table: fixture (the MindSpore-written test model), embedded (tiny-40k on "
                         "real text) and/or random (random --model weights)")
+    p.add_argument("--examples", type=int, default=256, help="evaluate table: shopping-sentiment examples scored")
     p.add_argument("--repeats", type=int, default=5)
     return p.parse_args(argv)
 

@@ -242,3 +242,20 @@ def test_the_train_step_table_measures_its_rows(tmp_path, capsys):
         assert row["tokens_per_s"] > 0 and row["flops_per_token"] > 0 and row["mfu"] is None  # no peak on a CPU
         assert row["ratio_to_matmul"] > 0 and row["compile_s"] > 0
     assert "| ours | tiny |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_evaluate_table_times_the_harness(tmp_path, vocab_path, monkeypatch):
+    from pangu_jax.corpus import CorpusNotFoundError, shopping_reviews
+
+    try:
+        shopping_reviews()
+    except CorpusNotFoundError as e:
+        pytest.skip(f"the shopping reviews are unavailable: {e}")
+    monkeypatch.setenv("PANGU_JAX_VOCAB", str(vocab_path))
+    out = tmp_path / "rows.json"
+    bench.main(["evaluate", "--model", "tiny-40k", "--dtypes", "float32", "--batches", "4", "--examples", "8",
+                "--json", str(out)])
+    (row,) = json.loads(out.read_text())[0]["rows"]
+    assert "error" not in row, row
+    assert row["examples_per_s"] > 0 and 0 <= row["accuracy"] <= 1 and row["examples"] == 8

@@ -30,7 +30,8 @@ TOOL = BenchTool(__file__, __doc__)
 
 @TOOL.case
 def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int, dtype: str = "bfloat16",
-              param_dtype: str = "float32", lora_rank: int = 0, moments: str = "float32") -> dict:
+              param_dtype: str = "float32", lora_rank: int = 0, moments: str = "float32",
+              attention: str = "auto") -> dict:
     """Our train step on one device: seconds per step (median of `steps` after two to compile), MFU, peak memory."""
     import statistics
 
@@ -46,7 +47,7 @@ def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int
     from pangu_jax.train.step import Trainer
 
     config, params = random_device_model(model, param_dtype, layout="stacked")
-    config = config.replace(dtype=dtype, lora_rank=lora_rank)
+    config = config.replace(dtype=dtype, lora_rank=lora_rank, attention=attention)
     mesh = make_mesh("fsdp=1")
     if lora_rank:
         params = join(init_adapters(config, jax.random.key(1), param_shardings(config, mesh, rules=TRAIN_RULES)),
@@ -80,6 +81,7 @@ def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int
     matmul = measure_matmul_rate()
     peak = peak_flops()
     return {"case": "ours", "model": model, "lora_rank": lora_rank, "micro_batch": micro_batch, "remat": remat,
+            "attention": config.resolved().attention,
             "dtype": dtype, "param_dtype": param_dtype, "moments": moments, "seq_len": seq_len,
             "step_s": seconds, "tokens_per_s": tokens_per_s, "compile_s": compile_s, "flops_per_token": flops,
             "tflops": flops * tokens_per_s / 1e12, "mfu": flops * tokens_per_s / peak if peak else None,
@@ -143,7 +145,7 @@ def case_peer(model: str, batch: int, seq_len: int, steps: int, compile: bool = 
 def table_finetune(args: argparse.Namespace) -> Table:
     rows = [TOOL.run_case("step", model=args.model, micro_batch=b, remat=r, seq_len=args.seq_len, steps=args.steps,
                           dtype=args.dtype, param_dtype=args.param_dtype, lora_rank=args.lora_rank,
-                          moments=args.moments)
+                          moments=args.moments, attention=args.attention)
             for b in _ints(args.micro_batches) for r in args.remats.split(",")]
     peers = [TOOL.run_case("peer", model=args.model, batch=b, seq_len=args.seq_len, steps=args.steps)
              for b in _ints(args.peer_batches)]
@@ -151,7 +153,7 @@ def table_finetune(args: argparse.Namespace) -> Table:
     for row in rows:
         if best_peer and "tokens_per_s" in row:
             row["ratio_to_peer"] = row["tokens_per_s"] / best_peer
-    return Table(rows + peers, ["case", "model", "lora_rank", "micro_batch", "remat", "moments", "step_s",
+    return Table(rows + peers, ["case", "model", "lora_rank", "micro_batch", "remat", "attention", "moments", "step_s",
                                 "tokens_per_s", "tflops", "mfu", "ratio_to_matmul", "matmul_tflops",
                                 "ratio_to_peer", "peak_MiB", "compile_s", "error"])
 
@@ -180,7 +182,8 @@ def case_run(overrides: list[str]) -> dict:
 @TOOL.table("run")
 def table_run(args: argparse.Namespace) -> Table:
     overrides = [f"model.preset={args.model}", f"run.steps={args.steps}", f"run.micro_batch={args.micro_batch}",
-                 f"data.batch_size={args.micro_batch}", f"run.output_dir={args.output_dir}", *args.overrides]
+                 f"data.batch_size={args.micro_batch}", f"run.output_dir={args.output_dir}", "run.save=false",
+                 *args.overrides]
     return Table([TOOL.run_case("run", overrides=overrides)],
                  ["case", "steps", "first_loss", "last_loss", "eval_loss", "tokens_per_s", "mfu", "peak_MiB",
                   "error"])
@@ -202,10 +205,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--param-dtype", default="float32", help="the stored (master) weights' dtype")
     p.add_argument("--moments", default="float32", help="finetune: Adam's moments' dtype")
     p.add_argument("--lora-rank", type=int, default=0, help="finetune: adapters on query and value (0: none)")
+    p.add_argument("--attention", default="auto", help="finetune: PanguConfig.attention (auto, cudnn, explicit)")
     p.add_argument("--micro-batch", type=int, default=8, help="run: rows a step")
     p.add_argument("--output-dir", default="runs/bench", help="run: the run's folder")
     p.add_argument("overrides", nargs="*", help="run: more train/finetune.py overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

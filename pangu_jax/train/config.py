@@ -143,6 +143,7 @@ class RunConfig:
     keep: int = 2
     max_bad_steps: int = 5
     tensorboard: bool = False
+    save: bool = True
 
     def check(self, where: str) -> None:
         _integer(f"{where}.steps", self.steps, 1)

@@ -26,6 +26,7 @@ from ..checkpoints import load_checkpoint, save_orbax, save_orbax_stream
 from ..config import PanguConfig
 from ..model import init_params
 from ..sharding import TRAIN_RULES, make_mesh, param_shardings
+from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .data import TrainData, load_data
 from .lora import init_adapters, join, merge_adapters
@@ -96,6 +97,10 @@ def finetune(config: TrainConfig, *, vocab_path: str | None = None, cancel: thre
     mesh = run_mesh(config)
     model, params = load_model(config, mesh)
     trainer = make_trainer(config, model, mesh)
+    pieces = Tokenizer(vocab_path).vocab_size
+    if pieces > model.vocab_size:
+        raise ValueError(f"the vocabulary's {pieces} pieces do not fit the model's vocab_size {model.vocab_size}: "
+                         "train a model of the real vocabulary (e.g. model.preset=tiny-40k, not tiny)")
     data = load_data(config.data, vocab_path)
     store = StateStore(out / "checkpoints", keep=config.run.keep)
     abstract = trainer.abstract_state(params)
@@ -165,7 +170,7 @@ def _run(config: TrainConfig, model: PanguConfig, trainer: Trainer, data: TrainD
         cancelled = cancel is not None and cancel.is_set()
         due = (run.checkpoint_every and done % run.checkpoint_every == 0) or \
             time.monotonic() - last_save > 60 * run.checkpoint_minutes
-        if cancelled or due or done == run.steps:
+        if run.save and (cancelled or due or done == run.steps):
             with timers("checkpoint"):
                 store.save(done, state)
             last_save = time.monotonic()
@@ -180,7 +185,7 @@ def _run(config: TrainConfig, model: PanguConfig, trainer: Trainer, data: TrainD
         with timers("eval"):
             evaluation = _evaluate(trainer, data, state, run.eval_batches)
         writer.write({"step": int(state.step), **evaluation})
-    model_dir = _export(config, model, state, Path(run.output_dir) / "model")
+    model_dir = _export(config, model, state, Path(run.output_dir) / "model") if run.save else None
     writer.write({"step": int(state.step), "final": True, **timers.totals()})
     return RunResult(int(state.step), int(state.skipped), last_loss,
                      None if evaluation is None else evaluation["eval_loss"], model_dir, False)
