@@ -19,6 +19,7 @@ import argparse
 import signal
 import sys
 
+from pangu_jax.cli import script_parser
 from pangu_jax.config import DTYPES, PRESETS
 
 FORMATS = ("orbax", "hf", "mindspore", "npy")
@@ -27,7 +28,7 @@ CHECK_TOLERANCE = 1e-4
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("src", help="source checkpoint (file or folder, any supported format)")
     p.add_argument("dst", help="destination (a .ckpt file for --to mindspore, else a new folder)")
     p.add_argument("--to", choices=FORMATS, default="orbax", help="target format (default: orbax)")
@@ -43,7 +44,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--allow-unknown", action="store_true",
                    help="with --verify-md5: convert a file that is no released one, unverified")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 

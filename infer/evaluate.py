@@ -24,6 +24,7 @@ import argparse
 import os
 import sys
 
+from pangu_jax.cli import add_vocab_option, script_parser
 from pangu_jax.config import DTYPES, PRESETS
 from pangu_jax.evaluate import NORMALIZATIONS
 
@@ -32,7 +33,7 @@ SHOPPING_SAMPLE = 1000
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--task", help=f"a JSONL task file, or {SHOPPING_SENTIMENT} (the offline sentiment task)")
     what.add_argument("--text", help="a UTF-8 text file whose perplexity to measure (documents between blank lines)")
@@ -52,8 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--compilation-cache", help="folder of the persistent compilation cache (default: the user cache)")
     p.add_argument("--no-compilation-cache", action="store_true", help="compile every program anew, keep none")
-    p.add_argument("--vocab", help="vocab.model (default: $PANGU_JAX_VOCAB, the cache, or a one-time download)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_vocab_option(p)
     args = p.parse_args(argv)
     for name in ("limit", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+from pangu_jax.cli import add_vocab_option, script_parser
 from pangu_jax.config import DTYPES, PRESETS
 
 DEMO_PROMPTS = [
@@ -41,7 +42,7 @@ DEMO_PROMPTS = [
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--checkpoint", help="a MindSpore .ckpt, HuggingFace GPTPangu folder, Megatron partitions, "
                                         ".npy folder or orbax store (default: the embedded tiny random model)")
     sizes = p.add_mutually_exclusive_group()
@@ -64,9 +65,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mesh", help="device mesh, e.g. 'tensor=4' or 'data=2,tensor=2' (default: one device)")
     p.add_argument("--compilation-cache", help="folder of the persistent compilation cache (default: the user cache)")
     p.add_argument("--no-compilation-cache", action="store_true", help="compile every program anew, keep none")
-    p.add_argument("--vocab", help="vocab.model (default: $PANGU_JAX_VOCAB, the cache, or a one-time download)")
+    add_vocab_option(p)
     p.add_argument("--special-tokens", action="store_true", help="map literal <eot>, <sep>, ... in prompts to their ids")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 

@@ -8,6 +8,7 @@ or `PANGU_JAX_DEBUG=1`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -22,6 +23,17 @@ DEBUG_ENV = "PANGU_JAX_DEBUG"
 # ValueError (ConfigError, CheckpointFormatError, ...) or an OSError
 # (FileNotFoundError, PermissionError, VocabNotFoundError).
 USER_ERRORS = (ValueError, OSError)
+
+
+def script_parser(description: str | None) -> argparse.ArgumentParser:
+    """A script's argument parser: its docstring as the description, and --debug (see `run`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def add_vocab_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vocab", help="vocab.model (default: $PANGU_JAX_VOCAB, the cache, or a one-time download)")
 
 
 def one_line(error: BaseException | str) -> str:

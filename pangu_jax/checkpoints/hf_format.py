@@ -31,7 +31,7 @@ from ..config import PanguConfig
 from ..atomic import atomic_directory
 from .errors import CheckpointFormatError
 from .layout import mindspore_slots
-from .storage import LazyTensor, implausible_dims
+from .storage import JSON_TYPES, LazyTensor, implausible_dims, read_json_object
 from .torch_pickle import check_dims, import_torch, load_torch, torch_dtype, torch_to_numpy
 
 __all__ = ["HF_BLOCK", "HF_GLOBALS", "hf_config", "hf_config_dict", "hf_names", "is_hf_dir", "read_hf", "write_hf"]
@@ -93,9 +93,6 @@ _FIELD_TYPES = {
     "layer_norm_epsilon": (lambda v: _is_int(v) or isinstance(v, float), "a number", False),
     "activation_function": (lambda v: isinstance(v, str), "a string", False),
 }
-_JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-               dict: "an object", type(None): "null"}
-
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
@@ -128,7 +125,7 @@ def read_hf(path: str | os.PathLike) -> tuple[PanguConfig, dict[str, LazyTensor]
     Tensors are read one at a time, only when converted (`LazyTensor`).
     """
     path = Path(path)
-    fields = _read_json(path / CONFIG_FILE)
+    fields = read_json_object(path / CONFIG_FILE, "a HuggingFace directory needs it")
     stored, where = _open_weights(path)
     config = _config_from_fields(path / CONFIG_FILE, fields, stored, where)
     names = hf_names(config)
@@ -144,18 +141,6 @@ def read_hf(path: str | os.PathLike) -> tuple[PanguConfig, dict[str, LazyTensor]
                 f"{config.hidden_size}, intermediate_size {config.ffn_size} and num_heads {config.num_heads} need {expected}"
             )
     return config, tensors
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        fields = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointFormatError(f"{path} does not exist; a HuggingFace directory needs it") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(fields, dict):
-        raise CheckpointFormatError(f"{path}: holds {_JSON_TYPES[type(fields)]}; expected a JSON object")
-    return fields
 
 
 def _as_mindspore(record: LazyTensor, transposed: bool) -> LazyTensor:
@@ -181,7 +166,7 @@ def _open_weights(path: Path) -> tuple[dict[str, LazyTensor], dict[str, Path]]:
 
 
 def _open_shards(index: Path, open_file) -> tuple[dict[str, LazyTensor], dict[str, Path]]:
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json_object(index, "the index names it").get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointFormatError(f"{index}: no weight_map; expected {{tensor name: shard file}}")
     for tensor, name in weight_map.items():
@@ -312,7 +297,7 @@ def _check_types(file: Path, fields: dict) -> None:
                 raise CheckpointFormatError(f"{file}: field {key} is missing")
         elif not fits(fields[key]):
             raise CheckpointFormatError(
-                f"{file}: field {key}={fields[key]!r} is {_JSON_TYPES[type(fields[key])]}; expected {expected}"
+                f"{file}: field {key}={fields[key]!r} is {JSON_TYPES[type(fields[key])]}; expected {expected}"
             )
 
 

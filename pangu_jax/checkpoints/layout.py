@@ -63,9 +63,8 @@ def _proj_out(x, c):
     return x.reshape(c.hidden_size, c.hidden_size).T
 
 
-# numpy copies a transposed 16-bit matrix element by element at 0.3 GB/s;
-# in square tiles that stay in cache, at 0.6 GB/s (2 cores, [5120, 20480]
-# float16: 830 -> 340 ms).
+# numpy copies a transposed 16-bit matrix element by element; square tiles
+# that stay in cache copy it about twice as fast (benchmarks/README.md).
 _TILE = 256
 
 

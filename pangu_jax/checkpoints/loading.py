@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ from .megatron_format import is_megatron_dir, read_megatron
 from .mindspore_format import read_mindspore_index
 from .npy_format import read_npy_dir
 from .orbax_store import MARKER, load_orbax, mindspore_view, read_orbax_config
+from .storage import read_json_object
 
 __all__ = ["Source", "detect_format", "load_checkpoint", "open_source", "read_config"]
 
@@ -153,14 +153,7 @@ def read_config(path: str | os.PathLike) -> PanguConfig:
     or .npy file of another size): `load_checkpoint(path, read_config(...))`.
     """
     path = Path(path)
-    try:
-        fields = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(fields, dict):
-        raise ConfigError(f"{path}: expected a JSON object of config fields")
+    fields = read_json_object(path, "it was given as the model's config")
     if "model_type" in fields or "max_position_embeddings" in fields:
         return hf_config(path, fields)
     try:

@@ -1,16 +1,24 @@
 """What every checkpoint reader shares: `LazyTensor`, a stored tensor read only
-when converted, and `implausible_dims`, the check of a tensor header's dims.
+when converted, `implausible_dims`, the check of a tensor header's dims, and
+`read_json_object` for the JSON files beside the tensors.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
+from .errors import CheckpointFormatError
 
-__all__ = ["LazyTensor", "implausible_dims"]
+
+__all__ = ["JSON_TYPES", "LazyTensor", "implausible_dims", "read_json_object"]
+
+JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+              dict: "an object", type(None): "null"}
 
 
 class LazyTensor:
@@ -50,3 +58,16 @@ def implausible_dims(shape: tuple[int, ...], itemsize: int, file_size: int) -> s
         return None
     return (f"dims {list(shape)} cannot be real: with each 0 taken as 1 they need {need} bytes, "
             f"more than the whole file ({file_size} bytes); corrupt tensor header")
+
+
+def read_json_object(path: Path, needed_by: str) -> dict:
+    """The JSON object `path` holds; a CheckpointFormatError names the file and what is wrong (missing: `needed_by`)."""
+    try:
+        fields = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointFormatError(f"{path} does not exist; {needed_by}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointFormatError(f"{path}: holds {JSON_TYPES[type(fields)]}; expected a JSON object")
+    return fields
