@@ -16,9 +16,10 @@ from pangu_jax import benchmarking
 from tests.conftest import FIXTURES, load_script
 
 checkpoint_bench = load_script("checkpoints/bench.py")
+train_bench = load_script("train/bench.py")
 
 
-@pytest.mark.parametrize("tool", [bench, checkpoint_bench], ids=["infer", "checkpoints"])
+@pytest.mark.parametrize("tool", [bench, checkpoint_bench, train_bench], ids=["infer", "checkpoints", "train"])
 def test_every_registered_table_is_a_command_of_its_tool(tool):
     assert tool.TOOL.tables
     for name in tool.TOOL.tables:
@@ -36,7 +37,7 @@ def test_the_tools_keep_the_tables_the_results_cite():
 def test_the_commands_of_the_current_results_are_commands_of_the_tools():
     page = (FIXTURES.parents[1] / "benchmarks" / "README.md").read_text(encoding="utf-8")
     current = page[page.index("## Current numbers"):page.index("## Log")]
-    tools = {"infer/bench.py": bench, "checkpoints/bench.py": checkpoint_bench}
+    tools = {"infer/bench.py": bench, "checkpoints/bench.py": checkpoint_bench, "train/bench.py": train_bench}
     parsed = 0
     for line in current.splitlines():
         if not line.startswith("| ") or line.startswith("| what "):
@@ -229,9 +230,6 @@ def test_kernel_families_drop_xla_numbering_only():
 
 @pytest.mark.slow
 def test_the_train_step_table_measures_its_rows(tmp_path, capsys):
-    from tests.conftest import load_script
-
-    train_bench = load_script("train/bench.py")
     out = tmp_path / "rows.json"
     train_bench.main(["finetune", "--model", "tiny", "--micro-batches", "2", "--remats", "full,none", "--seq-len", "16",
                       "--steps", "2", "--peer-batches", "", "--json", str(out)])
