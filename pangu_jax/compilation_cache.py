@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jax
 
-from .vocab import cache_dir
+from .paths import cache_dir
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:

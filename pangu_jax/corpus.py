@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pangu_jax.atomic import write_atomically
 from pangu_jax.downloads import DownloadError, Member, download_members
-from pangu_jax.vocab import cache_dir
+from pangu_jax.paths import cache_dir
 
 __all__ = [
     "CORPUS_ENV",

@@ -11,17 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import platformdirs
-
 from pangu_jax.downloads import DownloadError, Member, download_members
+from pangu_jax.paths import cache_dir
 
-__all__ = ["VOCAB_SHA256", "VocabNotFoundError", "cache_dir", "find_vocab"]
+__all__ = ["VOCAB_SHA256", "VocabNotFoundError", "find_vocab"]
 
 VOCAB_SHA256 = "18857e86783e50cfcaa0bc3c043fb4e9b5f240b885d2870ea593ee69b44f7a3a"
 """sha256 of the original PanGu-alpha ``vocab.model`` (40000 BPE pieces)."""
 
 VOCAB_ENV = "PANGU_JAX_VOCAB"
-CACHE_ENV = "PANGU_JAX_CACHE"
 VOCAB_FILENAME = "vocab.model"
 
 PYPI_PROJECT = "pcl-pangu"
@@ -33,11 +31,6 @@ class VocabNotFoundError(FileNotFoundError):
     """No usable vocabulary file could be found or downloaded."""
 
 
-def cache_dir() -> Path:
-    """Directory of pangu-jax's downloaded and derived files (``$PANGU_JAX_CACHE`` overrides)."""
-    return Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("pangu-jax"))
-
-
 def find_vocab(path: str | os.PathLike[str] | None = None, *, download: bool = True) -> Path:
     """Return the path of the PanGu ``vocab.model``.
 
@@ -45,7 +38,7 @@ def find_vocab(path: str | os.PathLike[str] | None = None, *, download: bool = T
 
     1. ``path`` if given (it must exist);
     2. the ``PANGU_JAX_VOCAB`` environment variable (a file path; it must exist);
-    3. ``vocab.model`` in :func:`cache_dir`;
+    3. ``vocab.model`` in :func:`pangu_jax.paths.cache_dir`;
     4. if ``download``: fetch it once from PyPI (``pcl-pangu`` wheel), verify its
        sha256 against :data:`VOCAB_SHA256`, store it atomically in the cache.
 

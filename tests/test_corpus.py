@@ -28,7 +28,7 @@ from pangu_jax.corpus import (
     strip_tags,
 )
 from pangu_jax.downloads import version_json_url
-from pangu_jax.vocab import CACHE_ENV
+from pangu_jax.paths import CACHE_ENV
 
 TAGGED = (
     "迈向/v  充满/v  希望/n  的/u  新/a  世纪/n\n"

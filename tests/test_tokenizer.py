@@ -22,7 +22,7 @@ import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pangu_jax import vocab
+from pangu_jax import paths, vocab
 from pangu_jax.downloads import project_json_url, version_json_url
 from pangu_jax.tokenizer import Tokenizer, pretokenize, segment
 from pangu_jax.vocab import VocabNotFoundError, find_vocab
@@ -206,7 +206,7 @@ def test_custom_vocab_without_special_pieces_fails_clearly(tiny_model: Path) -> 
 def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """An empty cache dir, PANGU_JAX_VOCAB unset and the network cut off."""
     cache_dir = tmp_path / "cache"
-    monkeypatch.setenv(vocab.CACHE_ENV, str(cache_dir))
+    monkeypatch.setenv(paths.CACHE_ENV, str(cache_dir))
     monkeypatch.delenv(vocab.VOCAB_ENV, raising=False)
 
     def offline(url: str, timeout: float) -> io.BytesIO:

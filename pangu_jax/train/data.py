@@ -25,7 +25,7 @@ from pangu_jax.tokenizer import Tokenizer
 from pangu_jax.train.documents import FORMATS, BadLine
 from pangu_jax.train.packing import PACKINGS, PackedRows, pack
 from pangu_jax.train.token_cache import FileSummary, TokenizedDocuments, tokenize_file
-from pangu_jax.vocab import cache_dir
+from pangu_jax.paths import cache_dir
 
 __all__ = ["CORPORA", "BadLineWarning", "DataConfig", "DataSummary", "TrainData", "input_path", "load_data"]
 
