@@ -111,8 +111,7 @@ def main(argv: list[str]) -> int:
     options = dict(batch_size=args.batch_size, progress=not args.no_progress)
     if args.text is not None:
         found = perplexity(config, params, tokenizer, documents, window=args.window, **options)
-        print(f"{args.text}: perplexity {found.perplexity:.4g} (mean loss {found.loss:.4f} nats over {found.tokens} "
-              f"tokens; {found.documents} documents in {found.windows} windows)")
+        print(f"{args.text}: {found.summary()}")
         return 0
     result = evaluate_task(config, params, tokenizer, examples, normalize=args.normalize, **options)
     counts = sorted({len(example.choices) for example in examples})

@@ -308,6 +308,11 @@ class Perplexity:
     documents: int
     windows: int
 
+    def summary(self) -> str:
+        """One line: the perplexity, the mean loss, and what was scored."""
+        return (f"perplexity {self.perplexity:.4g} (mean loss {self.loss:.4f} nats over {self.tokens} tokens; "
+                f"{self.documents} documents in {self.windows} windows)")
+
 
 def perplexity(
     config: PanguConfig, params: Params, tokenizer: Encoder, documents: Sequence[str], *,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pangu_jax.benchmarking import BenchTool, Table, measure_matmul_rate, peak_device_bytes
+from pangu_jax.benchmarking import BenchTool, Table, measure_matmul_rate, median_time, peak_device_bytes
 
 TOOL = BenchTool(__file__, __doc__)
 
@@ -33,8 +33,6 @@ def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int
               param_dtype: str = "float32", lora_rank: int = 0, moments: str = "float32",
               attention: str = "auto") -> dict:
     """Our train step on one device: seconds per step (median of `steps` after two to compile), MFU, peak memory."""
-    import statistics
-
     import jax
     import numpy as np
 
@@ -63,19 +61,17 @@ def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int
         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (micro_batch, seq_len)).copy(),
         "segment_ids": np.ones((micro_batch, seq_len), np.int32),
         "loss_weights": np.ones((micro_batch, seq_len), np.float32)})
-    start = time.perf_counter()
-    state, metrics = trainer.step(state, batch)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
-    state, metrics = trainer.step(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    metrics = {}
+
+    def one_step():
+        nonlocal state, metrics
         state, metrics = trainer.step(state, batch)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+
+    start = time.perf_counter()
+    one_step()
+    compile_s = time.perf_counter() - start
+    seconds = median_time(one_step, steps)
     tokens_per_s = micro_batch * seq_len / seconds
     flops = flops_per_token(config, seq_len, adapters_only=bool(lora_rank))
     matmul = measure_matmul_rate()
@@ -92,8 +88,6 @@ def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int
 @TOOL.case
 def case_peer(model: str, batch: int, seq_len: int, steps: int, compile: bool = True) -> dict:
     """HuggingFace GPT-2 of the same dimensions, bf16 autocast, fused AdamW, SDPA, torch.compile: one step's time."""
-    import statistics
-
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -117,20 +111,16 @@ def case_peer(model: str, batch: int, seq_len: int, steps: int, compile: bool = 
         opt.zero_grad(set_to_none=True)
         return loss
 
-    run = torch.compile(step) if compile else step
+    compiled = torch.compile(step) if compile else step
+
+    def run():
+        compiled()
+        torch.cuda.synchronize()
+
     start = time.perf_counter()
     run()
-    torch.cuda.synchronize()
     compile_s = time.perf_counter() - start
-    run()
-    times = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    seconds = median_time(run, steps)
     tokens_per_s = batch * seq_len / seconds
     flops = flops_per_token(c, seq_len)
     peak = peak_flops()

@@ -42,8 +42,7 @@ def main(argv: list[str]) -> int:
     config, params = load_checkpoint(args.checkpoint, dtype=args.dtype)
     found = perplexity(config, params, tokenizer, documents, window=args.window, batch_size=args.batch_size,
                        progress=not args.quiet)
-    print(f"{args.data}: perplexity {found.perplexity:.4g} (mean loss {found.loss:.4f} nats over {found.tokens} "
-          f"tokens; {found.documents} documents in {found.windows} windows)")
+    print(f"{args.data}: {found.summary()}")
     return 0
 
 
