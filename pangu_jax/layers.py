@@ -26,7 +26,7 @@ from jax import lax
 from .config import PanguConfig
 from .kernels.cudnn_attention import cudnn_attention
 from .kernels.decode_attention import decode_attention
-from .products import Matrix, dot, matmul_precision
+from .products import Matrix, dot, einsum
 
 Cache = dict[str, Any]
 
@@ -93,18 +93,24 @@ def apply_dropout(module: nn.Module, rate: float, x: jax.Array) -> jax.Array:
 
 
 def visible(query_positions: jax.Array, key_positions: jax.Array,
-            query_segments: jax.Array | None = None, key_segments: jax.Array | None = None) -> jax.Array:
+            query_segments: jax.Array | None = None, key_segments: jax.Array | None = None,
+            row_order: bool = False) -> jax.Array:
     """[B, 1, T, S] mask: the key holds a real token (position >= 0), not after the query, of its document.
 
     Positions give the causal rule, left padding and decoding at once;
     segment ids, where given ([B, T] and [B, S]), keep documents packed into
-    one row from seeing each other.
+    one row from seeing each other. `row_order` (a row attending to itself,
+    T = S) also hides every key that comes after its query in the row, which
+    positions rising along each document already do: it lets a fused kernel
+    skip the blocks above the diagonal.
     """
     q = query_positions[:, None, :, None]
     k = key_positions[:, None, None, :]
     mask = (k >= 0) & (k <= q)
     if query_segments is not None:
         mask &= query_segments[:, None, :, None] == key_segments[:, None, None, :]
+    if row_order:
+        mask &= jnp.tril(jnp.ones((q.shape[2], k.shape[3]), bool))
     return mask
 
 
@@ -194,22 +200,22 @@ class Attention(nn.Module):
                                                          cache_index, 1)
                       for n, new in (("key", k), ("value", v))}  # [B, S, N, H]
             key_positions = cache_positions
-        mask = visible(positions, key_positions, segment_ids, segment_ids)  # [B, 1, T, S]
+        row_order = layer_cache is None
+        mask = visible(positions, key_positions, segment_ids, segment_ids, row_order)  # [B, 1, T, S]
         keys, values = (new_kv[n].astype(c.jnp_dtype) for n in ("key", "value"))  # [B, S, N, H]
         if (c.decode_attention if decoding else c.attention) == "cudnn":
             filled = None
             if layer_cache is not None:
                 filled = jnp.broadcast_to(cache_index + q.shape[1], q.shape[:1]).astype(jnp.int32)  # [B]
-            out = cudnn_attention(q, keys, values, mask, scale=score_scale, filled=filled)  # [B, T, N, H]
+            out = cudnn_attention(q, keys, values, mask, scale=score_scale, filled=filled,
+                                  causal=row_order)  # [B, T, N, H]
         else:  # the query scaled first, as the original does
             q = q * jnp.asarray(score_scale, c.jnp_dtype)
-            scores = jnp.einsum("btnk,bsnk->bnts", q, keys, precision=matmul_precision(c),
-                                preferred_element_type=c.accum_dtype)  # [B, N, T, S]
+            scores = einsum(c, "btnk,bsnk->bnts", q, keys, c.accum_dtype)  # [B, N, T, S]
             probs = jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1)
             self.sow("attention", "weights", probs)
             probs = apply_dropout(self, self.dropout, probs)
-            out = jnp.einsum("bnts,bsnk->btnk", probs.astype(c.jnp_dtype), values,
-                             precision=matmul_precision(c))  # [B, T, N, H]
+            out = einsum(c, "bnts,bsnk->btnk", probs, values)  # [B, T, N, H]
         return self._output(out), new_kv
 
     def _output(self, out: jax.Array) -> jax.Array:

@@ -27,12 +27,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import checkpoint_policies
 
 from .cache import Cache, check_layout, init_cache, next_positions, written_positions
 from .config import PanguConfig
 from .layers import Block, LayerNorm, activations, apply_dropout, matrix, param
 from .layouts import is_per_layer
-from .products import dot
+from .products import WIDENED_BATCHED_PRODUCT, WIDENED_PRODUCT, dot
 
 Params = dict[str, Any]
 
@@ -82,10 +83,14 @@ class BlockLoop(nn.Module):
 
 
 # What a scanned block keeps for the backward pass (`PanguAlpha.remat`).
+# Products in the compute dtype with a wider output carry names instead (`products.einsum`).
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": checkpoint_policies.nothing_saveable,
+    "dots": checkpoint_policies.save_from_both_policies(
+        checkpoint_policies.checkpoint_dots,
+        checkpoint_policies.save_only_these_names(WIDENED_PRODUCT, WIDENED_BATCHED_PRODUCT)),
+    "dots_with_no_batch_dims": checkpoint_policies.save_from_both_policies(
+        checkpoint_policies.checkpoint_dots_with_no_batch_dims, checkpoint_policies.save_only_these_names(WIDENED_PRODUCT)),
 }
 
 
@@ -190,8 +195,8 @@ def forward(
     cache, to the positions that follow each cached row. A position of -1
     marks padding: such a token is never attended to. `segment_ids`
     ([batch, length], no cache) number the documents packed into a row:
-    a token attends only to its own document's. Without a cache the
-    returned cache is None. `last_only` returns the last column's logits
+    a token attends only to its own document's. Without a cache no token
+    attends to one after it in the row, and the returned cache is None. `last_only` returns the last column's logits
     alone ([batch, 1, vocab]), as a prefill needs. Compiled with jit,
     `config` static; its "auto" kernels resolved for the backend
     (`PanguConfig.resolved`).

@@ -18,11 +18,17 @@ import operator
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from .config import PanguConfig
 
 # A matrix and, for int8 weights, its float32 scale over the output channels.
 Matrix = tuple[jax.Array, jax.Array | None]
+
+# The names a widened product's output carries (`einsum`), for remat policies that save products
+# (`model.REMAT_POLICIES`): its custom gradient hides its dot from jax.checkpoint_policies.checkpoint_dots.
+WIDENED_PRODUCT = "widened_product"
+WIDENED_BATCHED_PRODUCT = "widened_batched_product"  # with dims both operands and the output keep
 
 # Products with at most this many input rows run as a row reduction (with `matvec="reduction"`).
 REDUCTION_ROWS = 1
@@ -41,9 +47,45 @@ def dot(config: PanguConfig, equation: str, x: jax.Array, matrix: Matrix, **kwar
         y = reduction_dot(x.astype(config.jnp_dtype), values, len(kept), len(w_kept))
         y = y if scale is None else y * scale
         return y.astype(kwargs.get("preferred_element_type", config.jnp_dtype))
-    y = jnp.einsum(equation, x.astype(config.jnp_dtype), values.astype(config.jnp_dtype),
-                   precision=matmul_precision(config), **kwargs)
+    y = einsum(config, equation, x, values, kwargs.get("preferred_element_type"))
     return y if scale is None else (y * scale).astype(y.dtype)
+
+
+def einsum(config: PanguConfig, equation: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
+    """jnp.einsum of `a` and `b` in the compute dtype, its output in `out_dtype` (default: the compute dtype).
+
+    A wider output keeps the products' sums in that dtype. Differentiated,
+    such a product's cotangent is cast to the compute dtype before the
+    backward's two products, so that they run in the compute dtype as the
+    forward's does (mixed-precision training's rule); JAX's own transpose
+    would multiply the wide cotangent by the widened operand, on a GPU in
+    float32 at a fraction of the bfloat16 rate.
+    """
+    a, b = a.astype(config.jnp_dtype), b.astype(config.jnp_dtype)
+    if out_dtype is None or jnp.dtype(out_dtype) == config.jnp_dtype:
+        return jnp.einsum(equation, a, b, precision=matmul_precision(config))
+    y = _widened_einsum(equation, matmul_precision(config), jnp.dtype(out_dtype), a, b)
+    inputs, out = equation.split("->")
+    batched = any(d in out for d in set(inputs.split(",")[0]) & set(inputs.split(",")[1]))
+    return checkpoint_name(y, WIDENED_BATCHED_PRODUCT if batched else WIDENED_PRODUCT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _widened_einsum(equation: str, precision, out_dtype, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(equation, a, b, precision=precision, preferred_element_type=out_dtype)
+
+
+def _widened_einsum_forward(equation, precision, out_dtype, a, b):
+    return _widened_einsum(equation, precision, out_dtype, a, b), (a, b)
+
+
+def _widened_einsum_backward(equation, precision, out_dtype, operands, cotangent):
+    a, b = operands
+    _, transpose = jax.vjp(functools.partial(jnp.einsum, equation, precision=precision), a, b)
+    return transpose(cotangent.astype(a.dtype))
+
+
+_widened_einsum.defvjp(_widened_einsum_forward, _widened_einsum_backward)
 
 
 def split_equation(equation: str) -> tuple[str, str, str, str]:

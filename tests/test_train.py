@@ -150,6 +150,63 @@ def test_gradients_agree_with_finite_differences_in_float64(layout):
                 np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+def _gradient_products(config: PanguConfig, remat: str) -> list[tuple[str, str, str, bool]]:
+    """(lhs, rhs, output element types, batched) of every product in the compiled gradient of the loss."""
+    import re
+
+    from pangu_jax.model import PanguAlpha
+
+    params = init_params(config.replace(dtype="float32"), 0)
+    tokens, targets, positions, segments, weights, _ = _packed_batch(config, np.random.default_rng(1))
+
+    def loss(p):
+        logits, _, _ = PanguAlpha(config.resolved("cpu"), remat=remat).apply(
+            {"params": p}, tokens, positions, segment_ids=segments)
+        nll, count = token_loss(logits, targets, weights)
+        return nll / count
+
+    text = jax.jit(jax.grad(loss)).lower(params).as_text()
+    element = r"tensor<(?:\d+x)*(\w+)>"
+    return [(*re.search(rf": \({element}, {element}\) -> {element}", line).groups(), "batching_dims" in line)
+            for line in text.splitlines() if "stablehlo.dot_general" in line]
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_with_no_batch_dims"])
+def test_the_backward_multiplies_in_the_compute_dtype_and_remat_keeps_the_wide_products(remat):
+    """In bfloat16 every product, backward ones included, takes bfloat16 operands: a float32 cotangent times an
+    upcast operand would run at a fraction of the rate. The policies that save products also save those with
+    a float32 output: the backward recomputes none of them that the policy names."""
+    config = PanguConfig.preset("tiny", dtype="bfloat16", attention="explicit")
+    products = _gradient_products(config, remat)
+    assert products and all((lhs, rhs) == ("bf16", "bf16") for lhs, rhs, _, _ in products), products
+    wide = [batched for _, _, out, batched in products if out == "f32"]
+    kept = [batched for _, _, out, batched in _gradient_products(config, "none") if out == "f32"]
+    if remat == "dots":
+        assert wide == kept
+    if remat == "dots_with_no_batch_dims":  # batched products (the attention scores) are recomputed
+        assert [b for b in wide if not b] == [b for b in kept if not b] and len(wide) > len(kept)
+    if remat == "full":
+        assert len(wide) > len(kept)
+
+
+def test_bfloat16_gradients_follow_the_float32_ones(tiny_fp32):
+    config, params = tiny_fp32
+    params = _randomised(params)
+    tokens, targets, positions, segments, weights, _ = _packed_batch(config, np.random.default_rng(4))
+
+    def gradients(dtype):
+        def loss(p):
+            logits, _ = forward(config.replace(dtype=dtype), p, tokens, positions, segment_ids=segments)
+            nll, count = token_loss(logits, targets, weights)
+            return nll / count
+        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(jax.grad(loss)(params))])
+
+    exact, low = gradients("float32"), gradients("bfloat16")
+    cosine = float(jnp.vdot(exact, low) / (jnp.linalg.norm(exact) * jnp.linalg.norm(low)))
+    assert cosine > 0.999, cosine
+    assert float(jnp.linalg.norm(low - exact) / jnp.linalg.norm(exact)) < 0.05
+
+
 def test_a_packed_document_computes_what_it_computes_alone(tiny_fp32):
     config, params = tiny_fp32
     params = _randomised(params)

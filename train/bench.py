@@ -2,6 +2,8 @@
 
     python train/bench.py finetune --model 2.6B --micro-batches 4,8 --remats full,dots_with_no_batch_dims
     python train/bench.py finetune --model 13B --micro-batches 4 --lora-rank 16 --param-dtype bfloat16 --peer-batches ''
+    python train/bench.py profile --model 2.6B --micro-batches 8 --remats dots_with_no_batch_dims
+    python train/bench.py attention --model 2.6B --micro-batches 8
     python train/bench.py run --model 2.6B --steps 300 --micro-batch 8     # a whole run on the People's Daily
 
 `finetune`: our compiled train step (random weights of a preset, random
@@ -14,8 +16,10 @@ torch.compile. Model FLOPs per token follow MaxText's convention
 attention + logits; with LoRA the base matrices count 4, no weight
 gradient); MFU is given against the card's dense bf16 peak (989 TFLOP/s
 for H100 and H200) and against the bf16 matmul rate measured in the same
-process. `run`: `train/finetune.py` itself with the given overrides, for a
-loss curve and the loop's own timing.
+process. `profile`: the GPU kernels of our step. `attention`: one block's
+attention kernels, forward and backward, beside the peer's. `run`:
+`train/finetune.py` itself with the given overrides, for a loss curve and
+the loop's own timing.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from pangu_jax.benchmarking import BenchTool, Table, measure_matmul_rate, median_time, peak_device_bytes
+from pangu_jax.benchmarking import (BenchTool, Table, measure_matmul_rate, median_time, peak_device_bytes,
+                                    print_table)
 
 TOOL = BenchTool(__file__, __doc__)
 
@@ -31,12 +36,15 @@ TOOL = BenchTool(__file__, __doc__)
 @TOOL.case
 def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int, dtype: str = "bfloat16",
               param_dtype: str = "float32", lora_rank: int = 0, moments: str = "float32",
-              attention: str = "auto") -> dict:
-    """Our train step on one device: seconds per step (median of `steps` after two to compile), MFU, peak memory."""
+              attention: str = "auto", profile: bool = False) -> dict:
+    """Our train step on one device: seconds per step (median of `steps` after two to compile), MFU, peak memory.
+
+    With `profile`, also the GPU kernels of two more steps (`profile_kernels`).
+    """
     import jax
     import numpy as np
 
-    from pangu_jax.benchmarking import random_device_model
+    from pangu_jax.benchmarking import profile_kernels, random_device_model
     from pangu_jax.sharding import TRAIN_RULES, make_mesh, param_shardings
     from pangu_jax.train.config import OptimizerConfig
     from pangu_jax.train.lora import init_adapters, join
@@ -74,9 +82,12 @@ def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int
     seconds = median_time(one_step, steps)
     tokens_per_s = micro_batch * seq_len / seconds
     flops = flops_per_token(config, seq_len, adapters_only=bool(lora_rank))
+    found = {}
+    if profile:
+        found = profile_kernels(lambda: [one_step() for _ in range(2)], 2)
     matmul = measure_matmul_rate()
     peak = peak_flops()
-    return {"case": "ours", "model": model, "lora_rank": lora_rank, "micro_batch": micro_batch, "remat": remat,
+    return {**found, "case": "ours", "model": model, "lora_rank": lora_rank, "micro_batch": micro_batch, "remat": remat,
             "attention": config.resolved().attention,
             "dtype": dtype, "param_dtype": param_dtype, "moments": moments, "seq_len": seq_len,
             "step_s": seconds, "tokens_per_s": tokens_per_s, "compile_s": compile_s, "flops_per_token": flops,
@@ -146,6 +157,90 @@ def table_finetune(args: argparse.Namespace) -> Table:
     return Table(rows + peers, ["case", "model", "lora_rank", "micro_batch", "remat", "attention", "moments", "step_s",
                                 "tokens_per_s", "tflops", "mfu", "ratio_to_matmul", "matmul_tflops",
                                 "ratio_to_peer", "peak_MiB", "compile_s", "error"])
+
+
+@TOOL.table("profile")
+def table_profile(args: argparse.Namespace) -> Table:
+    """Where our step spends its time: each case's top kernels, kernel families and idle time, then the steps."""
+    rows = [TOOL.run_case("step", model=args.model, micro_batch=b, remat=r, seq_len=args.seq_len, steps=args.steps,
+                          dtype=args.dtype, param_dtype=args.param_dtype, lora_rank=args.lora_rank,
+                          moments=args.moments, attention=args.attention, profile=True)
+            for b in _ints(args.micro_batches) for r in args.remats.split(",")]
+    for row in rows:
+        for key, title in (("top", "top kernels per step"), ("families", "kernel families per step"),
+                           ("idle_before", "GPU idle per step, by the kernel that ended the wait")):
+            print_table(f"{title}: {row.get('model')} micro-batch {row.get('micro_batch')} remat {row.get('remat')}",
+                        row.get(key, []), ["kernel", "calls_per_step", "us_per_step"])
+    return Table(rows, ["case", "model", "micro_batch", "remat", "attention", "step_s", "tokens_per_s", "mfu",
+                        "wall_us_per_step", "gpu_span_us_per_step", "kernel_us_per_step", "idle_us_per_step",
+                        "kernels_per_step", "error"])
+
+
+ATTENTION_MASKS = ("causal", "causal+bias", "bias", "torch")
+
+
+@TOOL.case
+def case_attention(model: str, batch: int, seq_len: int, mask: str, steps: int) -> dict:
+    """One block's attention, forward and backward, at the training shape in bfloat16.
+
+    `mask`: "causal" (cuDNN's causal mask alone), "causal+bias" (and the
+    document mask as a bias, as our packed rows run), "bias" (the bias
+    alone), or "torch" (the peer's SDPA, causal). TFLOP/s count the causal
+    half: 2 x batch x length^2 x hidden forward, 2.5 times that backward.
+    """
+    from pangu_jax import PanguConfig
+    from pangu_jax.train.metrics import peak_flops
+
+    c = PanguConfig.preset(model)
+    shape = (batch, seq_len, c.num_heads, c.head_dim)
+    scale = c.head_dim ** -0.5
+    if mask == "torch":
+        import torch
+        import torch.nn.functional as F
+
+        q, k, v = (torch.randn(batch, c.num_heads, seq_len, c.head_dim, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
+        grad = torch.randn_like(q)
+
+        def run():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).backward(grad)
+            torch.cuda.synchronize()
+    else:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from pangu_jax.kernels.cudnn_attention import cudnn_attention
+        from pangu_jax.layers import visible
+
+        q, k, v, grad = (jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) for i in range(4))
+        positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+        segments = jnp.asarray(np.ones((batch, seq_len), np.int32))
+
+        def attend(q, k, v):
+            if mask == "causal":
+                return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+            return cudnn_attention(q, k, v, visible(positions, positions, segments, segments, mask != "bias"),
+                                   scale=scale, causal=mask != "bias")
+
+        backward = jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v)[1](grad))
+
+        def run():
+            jax.block_until_ready(backward(q, k, v))
+
+    run()
+    seconds = median_time(run, steps)
+    flops = 3.5 * 2 * batch * seq_len**2 * c.hidden_size
+    peak = peak_flops()
+    return {"case": "attention", "model": model, "mask": mask, "batch": batch, "seq_len": seq_len,
+            "ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "ratio_to_peak": flops / seconds / peak if peak else None}
+
+
+@TOOL.table("attention")
+def table_attention(args: argparse.Namespace) -> Table:
+    rows = [TOOL.run_case("attention", model=args.model, batch=b, seq_len=args.seq_len, mask=m, steps=args.steps)
+            for b in _ints(args.micro_batches) for m in ATTENTION_MASKS]
+    return Table(rows, ["case", "model", "mask", "batch", "seq_len", "ms", "tflops", "ratio_to_peak", "error"])
 
 
 @TOOL.case

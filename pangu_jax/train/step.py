@@ -148,20 +148,27 @@ class Trainer:
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(jax.random.key(self.seed), state.step) if self.dropout else None
-        micro = {k: v.reshape(self.accumulation, v.shape[0] // self.accumulation, *v.shape[1:])
-                 for k, v in batch.items()}
+
+        def gradients(index, piece):
+            """((sum of the piece's token losses, its trained tokens), the sum's gradients)"""
+            piece_rng = None if rng is None else jax.random.fold_in(rng, index)
+            return jax.value_and_grad(lambda p: self._loss_terms(join(p, state.frozen), piece, piece_rng),
+                                      has_aux=True)(state.params)
 
         def accumulate(carry, inputs):
             grads, loss, weight = carry
-            index, piece = inputs
-            piece_rng = None if rng is None else jax.random.fold_in(rng, index)
-            (nll, count), piece_grads = jax.value_and_grad(
-                lambda p: self._loss_terms(join(p, state.frozen), piece, piece_rng), has_aux=True)(state.params)
+            (nll, count), piece_grads = gradients(*inputs)
             return (jax.tree.map(jnp.add, grads, piece_grads), loss + nll, weight + count), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        start = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, total, weight), _ = jax.lax.scan(accumulate, start, (jnp.arange(self.accumulation), micro))
+        if self.accumulation == 1:  # no zeroed sums to add the only piece's gradients to
+            (total, weight), grads = gradients(0, batch)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        else:
+            micro = {k: v.reshape(self.accumulation, v.shape[0] // self.accumulation, *v.shape[1:])
+                     for k, v in batch.items()}
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            start = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (grads, total, weight), _ = jax.lax.scan(accumulate, start, (jnp.arange(self.accumulation), micro))
         weight = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         loss = total / weight
