@@ -356,6 +356,13 @@ class Table:
     columns: list[str]
 
 
+def failure(stderr: str) -> str:
+    """The line of a failed case's stderr that says what failed: its last exception line, else its last line."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Interrupt|Exit)\b", line)]
+    return (raised or lines or ["failed"])[-1]
+
+
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
     """A registered table: the function that builds it, and the one that names where it ran."""
@@ -405,7 +412,7 @@ class BenchTool:
         done = subprocess.run([sys.executable, str(self.script), CASE_COMMAND, name, json.dumps(kwargs)],
                               capture_output=True, text=True, env=library_environment(xla_flags))
         if done.returncode:
-            return {"case": name, **kwargs, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+            return {"case": name, **kwargs, "error": failure(done.stderr)}
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     def main(self, argv: list[str] | None, parse_args: Callable[[list[str]], argparse.Namespace]) -> None:

@@ -243,6 +243,37 @@ def test_the_train_step_table_measures_its_rows(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_the_train_profile_table_traces_the_step(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    train_bench.main(["profile", "--model", "tiny", "--micro-batches", "2", "--remats", "full", "--seq-len", "16",
+                      "--steps", "2", "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    (row,) = record["rows"]
+    assert "error" not in row and row["wall_us_per_step"] > 0 and row["tokens_per_s"] > 0, row
+    assert "kernel families per step: tiny micro-batch 2 remat full" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_attention_table_without_a_gpu_names_what_is_missing(tmp_path):
+    out = tmp_path / "rows.json"
+    train_bench.main(["attention", "--model", "tiny", "--micro-batches", "2", "--seq-len", "16", "--steps", "1",
+                      "--json", str(out)])
+    (record,) = json.loads(out.read_text())
+    rows = {row["mask"]: row for row in record["rows"]}
+    assert list(rows) == list(train_bench.ATTENTION_MASKS)
+    for mask in ("causal", "causal+bias", "bias"):
+        assert rows[mask]["error"] == "RuntimeError: cuDNN is not detected.", rows[mask]
+
+
+def test_a_failed_case_reports_its_exception_line_not_what_follows_it():
+    stderr = ("Traceback (most recent call last):\n  File \"x.py\", line 1\nRuntimeError: cuDNN is not detected.\n"
+              "--------------------\nFor simplicity, JAX has removed its internal frames.\n")
+    assert benchmarking.failure(stderr) == "RuntimeError: cuDNN is not detected."
+    assert benchmarking.failure("killed\n\n") == "killed"
+    assert benchmarking.failure("") == "failed"
+
+
+@pytest.mark.slow
 def test_the_evaluate_table_times_the_harness(tmp_path, vocab_path, shopping_reviews, monkeypatch):
     monkeypatch.setenv("PANGU_JAX_VOCAB", str(vocab_path))
     out = tmp_path / "rows.json"
