@@ -90,7 +90,8 @@ REMAT_POLICIES = {
         checkpoint_policies.checkpoint_dots,
         checkpoint_policies.save_only_these_names(WIDENED_PRODUCT, WIDENED_BATCHED_PRODUCT)),
     "dots_with_no_batch_dims": checkpoint_policies.save_from_both_policies(
-        checkpoint_policies.checkpoint_dots_with_no_batch_dims, checkpoint_policies.save_only_these_names(WIDENED_PRODUCT)),
+        checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        checkpoint_policies.save_only_these_names(WIDENED_PRODUCT)),
 }
 
 
@@ -196,8 +197,9 @@ def forward(
     marks padding: such a token is never attended to. `segment_ids`
     ([batch, length], no cache) number the documents packed into a row:
     a token attends only to its own document's. Without a cache no token
-    attends to one after it in the row, and the returned cache is None. `last_only` returns the last column's logits
-    alone ([batch, 1, vocab]), as a prefill needs. Compiled with jit,
+    attends to one after it in the row, and the returned cache is None.
+    `last_only` returns the last column's logits alone ([batch, 1, vocab]),
+    as a prefill needs. Compiled with jit,
     `config` static; its "auto" kernels resolved for the backend
     (`PanguConfig.resolved`).
     """

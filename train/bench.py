@@ -233,7 +233,8 @@ def case_attention(model: str, batch: int, seq_len: int, mask: str, steps: int) 
     flops = 3.5 * 2 * batch * seq_len**2 * c.hidden_size
     peak = peak_flops()
     return {"case": "attention", "model": model, "mask": mask, "batch": batch, "seq_len": seq_len,
-            "ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "ratio_to_peak": flops / seconds / peak if peak else None}
+            "ms": seconds * 1e3, "tflops": flops / seconds / 1e12,
+            "ratio_to_peak": flops / seconds / peak if peak else None}
 
 
 @TOOL.table("attention")
