@@ -144,10 +144,7 @@ def case_peer(model: str, batch: int, seq_len: int, steps: int, compile: bool = 
 
 @TOOL.table("finetune")
 def table_finetune(args: argparse.Namespace) -> Table:
-    rows = [TOOL.run_case("step", model=args.model, micro_batch=b, remat=r, seq_len=args.seq_len, steps=args.steps,
-                          dtype=args.dtype, param_dtype=args.param_dtype, lora_rank=args.lora_rank,
-                          moments=args.moments, attention=args.attention)
-            for b in _ints(args.micro_batches) for r in args.remats.split(",")]
+    rows = _step_rows(args)
     peers = [TOOL.run_case("peer", model=args.model, batch=b, seq_len=args.seq_len, steps=args.steps)
              for b in _ints(args.peer_batches)]
     best_peer = max((row.get("tokens_per_s", 0) for row in peers), default=0)
@@ -162,10 +159,7 @@ def table_finetune(args: argparse.Namespace) -> Table:
 @TOOL.table("profile")
 def table_profile(args: argparse.Namespace) -> Table:
     """Where our step spends its time: each case's top kernels, kernel families and idle time, then the steps."""
-    rows = [TOOL.run_case("step", model=args.model, micro_batch=b, remat=r, seq_len=args.seq_len, steps=args.steps,
-                          dtype=args.dtype, param_dtype=args.param_dtype, lora_rank=args.lora_rank,
-                          moments=args.moments, attention=args.attention, profile=True)
-            for b in _ints(args.micro_batches) for r in args.remats.split(",")]
+    rows = _step_rows(args, profile=True)
     for row in rows:
         for key, title in (("top", "top kernels per step"), ("families", "kernel families per step"),
                            ("idle_before", "GPU idle per step, by the kernel that ended the wait")):
@@ -273,6 +267,14 @@ def table_run(args: argparse.Namespace) -> Table:
     return Table([TOOL.run_case("run", overrides=overrides)],
                  ["case", "steps", "first_loss", "last_loss", "eval_loss", "tokens_per_s", "mfu", "peak_MiB",
                   "error"])
+
+
+def _step_rows(args: argparse.Namespace, profile: bool = False) -> list[dict]:
+    """Our step for each micro-batch and remat policy asked, each in its own process."""
+    return [TOOL.run_case("step", model=args.model, micro_batch=b, remat=r, seq_len=args.seq_len, steps=args.steps,
+                          dtype=args.dtype, param_dtype=args.param_dtype, lora_rank=args.lora_rank,
+                          moments=args.moments, attention=args.attention, profile=profile)
+            for b in _ints(args.micro_batches) for r in args.remats.split(",")]
 
 
 def _ints(text: str) -> list[int]:
