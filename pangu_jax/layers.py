@@ -136,13 +136,15 @@ class Attention(nn.Module):
     """Multi-head attention whose query may come from a different input (the top query layer's).
 
     `dropout` applies to the attention probabilities (explicit attention only).
-    Explicit attention sows its probabilities [B, N, T, S], before dropout,
+    `causal_rows` (see `PanguAlpha`): without a cache, a key is hidden by
+    the row order alone. Explicit attention sows its probabilities [B, N, T, S], before dropout,
     as "weights" in the "attention" collection: stored only where the caller
     makes that collection mutable (`pangu_jax.inspect`), else nothing is kept.
     """
 
     config: PanguConfig
     dropout: float = 0.0
+    causal_rows: bool = False
 
     def _project(self, name: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, T, E] times the projection `name`: [B, T, N, H], and its bias [N, H] (not yet added)."""
@@ -201,7 +203,10 @@ class Attention(nn.Module):
                       for n, new in (("key", k), ("value", v))}  # [B, S, N, H]
             key_positions = cache_positions
         row_order = layer_cache is None
-        mask = visible(positions, key_positions, segment_ids, segment_ids, row_order)  # [B, 1, T, S]
+        if row_order and self.causal_rows:
+            mask = None  # only the row order hides keys: a fused kernel needs no bias
+        else:
+            mask = visible(positions, key_positions, segment_ids, segment_ids, row_order)  # [B, 1, T, S]
         keys, values = (new_kv[n].astype(c.jnp_dtype) for n in ("key", "value"))  # [B, S, N, H]
         if (c.decode_attention if decoding else c.attention) == "cudnn":
             filled = None
@@ -212,6 +217,8 @@ class Attention(nn.Module):
         else:  # the query scaled first, as the original does
             q = q * jnp.asarray(score_scale, c.jnp_dtype)
             scores = einsum(c, "btnk,bsnk->bnts", q, keys, c.accum_dtype)  # [B, N, T, S]
+            if mask is None:
+                mask = jnp.tril(jnp.ones(scores.shape[-2:], bool))  # [T, S]
             probs = jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1)
             self.sow("attention", "weights", probs)
             probs = apply_dropout(self, self.dropout, probs)
@@ -263,11 +270,13 @@ class Block(nn.Module):
 
     `query_input` replaces LN1(x) as the query source: the top query layer
     passes the raw top-query position embedding there. `dropout` applies to
-    the attention probabilities and to each residual branch's output.
+    the attention probabilities and to each residual branch's output;
+    `causal_rows` is `Attention`'s.
     """
 
     config: PanguConfig
     dropout: float = 0.0
+    causal_rows: bool = False
 
     @nn.compact
     def __call__(
@@ -284,7 +293,7 @@ class Block(nn.Module):
         x = activations(x)
         a = LayerNorm(c.layer_norm_epsilon, c.accum_dtype, name="ln1")(x)
         query_input = a if query_input is None else query_input
-        attn, new_kv = Attention(c, self.dropout, name="attention")(
+        attn, new_kv = Attention(c, self.dropout, self.causal_rows, name="attention")(
             query_input, a, positions, layer_cache, cache_positions, cache_index, segment_ids
         )
         x = x + apply_dropout(self, self.dropout, attn)  # [B, T, E], both in the accumulation dtype

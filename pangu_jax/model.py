@@ -38,10 +38,10 @@ from .products import WIDENED_BATCHED_PRODUCT, WIDENED_PRODUCT, dot
 Params = dict[str, Any]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _block(config: PanguConfig, params: Params, *args) -> tuple[jax.Array, Cache]:
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _block(config: PanguConfig, causal_rows: bool, params: Params, *args) -> tuple[jax.Array, Cache]:
     """One ordinary block applied: a jitted function, so that every layer of the same shapes reuses one trace."""
-    return Block(config).apply({"params": params}, *args)
+    return Block(config, causal_rows=causal_rows).apply({"params": params}, *args)
 
 
 class BlockLoop(nn.Module):
@@ -55,6 +55,7 @@ class BlockLoop(nn.Module):
     """
 
     config: PanguConfig
+    causal_rows: bool = False
 
     @nn.compact
     def __call__(
@@ -68,13 +69,13 @@ class BlockLoop(nn.Module):
             layer_cache = None if caches is None else caches[i]
             args = (x, layer_cache, positions, cache_positions, cache_index, segment_ids)
             if layers is None:
-                x, kv = Block(self.config, name=name)(*args)
+                x, kv = Block(self.config, causal_rows=self.causal_rows, name=name)(*args)
             else:
                 if name not in layers:
                     raise ValueError(f"no parameters for block {name} (blocks/{name}); the model has "
                                      f"{self.config.num_blocks} blocks")
                 try:
-                    x, kv = _block(self.config, nn.meta.unbox(layers[name]), *args)
+                    x, kv = _block(self.config, self.causal_rows, nn.meta.unbox(layers[name]), *args)
                 except flax.errors.FlaxError as e:
                     raise ValueError(f"block {name} (blocks/{name}): {e}") from e
                 self.sow("intermediates", "hidden", x)
@@ -103,12 +104,18 @@ class PanguAlpha(nn.Module):
     attention probabilities and each residual branch (active only when
     applied with a "dropout" rng), and `remat`, what each scanned block keeps
     for the backward pass ("none": everything; else a key of `REMAT_POLICIES`).
+    `causal_rows`: without a cache, each row is one sequence in row order
+    (the `concat` packing, padding only at its end), so attention hides a
+    key by the row order alone, consulting neither positions nor segment
+    ids: a fused kernel then takes no mask bias, whose gradient it would
+    otherwise compute.
     """
 
     config: PanguConfig
     per_layer: bool = False
     dropout: float = 0.0
     remat: str = "none"
+    causal_rows: bool = False
 
     @nn.compact
     def __call__(
@@ -139,7 +146,7 @@ class PanguAlpha(nn.Module):
         cache_positions = None if cache is None else written_positions(cache, positions)
         cache_index = None if cache is None else cache["index"]
         if self.per_layer:
-            blocks = BlockLoop(c, name="blocks")
+            blocks = BlockLoop(c, self.causal_rows, name="blocks")
         else:
             block = Block if self.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[self.remat],
                                                                  prevent_cse=False)
@@ -150,14 +157,14 @@ class PanguAlpha(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_blocks,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, self.dropout, name="blocks")
+            )(c, self.dropout, self.causal_rows, name="blocks")
         x, block_kv = blocks(x, None if cache is None else cache["blocks"], positions, cache_positions, cache_index,
                              segment_ids)
 
         h = LayerNorm(c.layer_norm_epsilon, c.accum_dtype, name="final_ln")(x)
         self.sow("intermediates", "top_input", h)
         top_query = activations(jnp.take(top_table, positions, axis=0, mode="clip"))
-        out, top_kv = Block(c, self.dropout, name="top_query_layer")(
+        out, top_kv = Block(c, self.dropout, self.causal_rows, name="top_query_layer")(
             h, None if cache is None else cache["top"], positions, cache_positions, cache_index, segment_ids,
             query_input=top_query,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from pangu_jax import PanguConfig, forward, init_params, load_checkpoint
-from pangu_jax.model import abstract_params
+from pangu_jax.model import PanguAlpha, abstract_params
 from pangu_jax.layouts import per_layer, stacked
 from pangu_jax.sharding import make_mesh
 from pangu_jax.train.config import TrainConfigError, load_train_config
@@ -229,6 +230,30 @@ def test_a_packed_document_computes_what_it_computes_alone(tiny_fp32):
     assert float(jnp.abs(unsegmented[0, 7:12] - packed[0, 7:12]).max()) > 1e-3
 
 
+def _concat_row(segments):
+    """A `concat` row's positions and segment ids where `segments` holds real tokens: one sequence, then padding."""
+    real = segments > 0
+    return np.where(real, np.arange(segments.shape[1]), 0).astype(np.int32), real.astype(np.int32)
+
+
+@pytest.mark.parametrize("layout", [stacked, per_layer])
+def test_rows_masked_by_their_order_alone_compute_what_the_full_mask_computes_on_concat_rows(tiny_fp32, layout):
+    config, params = tiny_fp32
+    params = layout(_randomised(params))
+    tokens, _, positions, segments, _, lengths = _packed_batch(config, np.random.default_rng(5))
+
+    def logits(causal_rows, positions, segments):
+        model = PanguAlpha(config.resolved(), per_layer=layout is per_layer, causal_rows=causal_rows)
+        return model.apply({"params": params}, tokens, positions, segment_ids=segments)[0]
+
+    real = sum(lengths)
+    np.testing.assert_allclose(logits(True, *_concat_row(segments))[0, :real],
+                               logits(False, *_concat_row(segments))[0, :real], atol=1e-5)
+    # On a `reset` row the row order alone lets the second document see the first.
+    reset, by_order = logits(False, positions, segments), logits(True, positions, segments)
+    assert float(jnp.abs(by_order[0, 7:real] - reset[0, 7:real]).max()) > 1e-3
+
+
 # --- the step ----------------------------------------------------------------------------------
 
 
@@ -285,6 +310,20 @@ def test_micro_batches_sum_to_the_whole_batch():
     params = init_params(config, 0)
     batch = _random_batch(config)
     results = [t.step(t.new_state(jax.tree.map(jnp.copy, params)), t.place_batch(batch)) for t in (whole, pieces)]
+    np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][0].params), jax.tree.leaves(results[1][0].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_concat_run_masks_by_the_row_order_alone_and_steps_as_the_full_mask_does():
+    model, mesh = PanguConfig.preset("tiny", dtype="float32"), make_mesh("fsdp=1")
+    trainer = make_trainer(load_train_config(DEMO, ["data.packing=concat"]), model, mesh)
+    assert trainer.causal_rows and not make_trainer(load_train_config(DEMO), model, mesh).causal_rows
+    batch = _random_batch(model, rows=2)
+    batch["segment_ids"][:, 12:] = batch["positions"][:, 12:] = batch["loss_weights"][:, 11:] = 0  # padding at the end
+    params = _randomised(init_params(model, 0))
+    results = [t.step(t.new_state(jax.tree.map(jnp.copy, params)), t.place_batch(batch))
+               for t in (trainer, dataclasses.replace(trainer, causal_rows=False))]
     np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(results[0][0].params), jax.tree.leaves(results[1][0].params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

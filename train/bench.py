@@ -36,8 +36,10 @@ TOOL = BenchTool(__file__, __doc__)
 @TOOL.case
 def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int, dtype: str = "bfloat16",
               param_dtype: str = "float32", lora_rank: int = 0, moments: str = "float32",
-              attention: str = "auto", profile: bool = False) -> dict:
+              attention: str = "auto", packing: str = "reset", profile: bool = False) -> dict:
     """Our train step on one device: seconds per step (median of `steps` after two to compile), MFU, peak memory.
+
+    `packing` is the data's: a `concat` batch masks attention by the row order alone (`Trainer.causal_rows`).
 
     With `profile`, also the GPU kernels of two more steps (`profile_kernels`).
     """
@@ -59,7 +61,7 @@ def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int
         params = join(init_adapters(config, jax.random.key(1), param_shardings(config, mesh, rules=TRAIN_RULES)),
                       params)
     optimizer = make_optimizer(OptimizerConfig(warmup_steps=10, moments_dtype=moments), 1000)
-    trainer = Trainer(config.resolved(), optimizer, mesh, remat=remat)
+    trainer = Trainer(config.resolved(), optimizer, mesh, remat=remat, causal_rows=packing == "concat")
     state = trainer.new_state(params)
     del params
     rng = np.random.default_rng(0)
@@ -88,7 +90,7 @@ def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int
     matmul = measure_matmul_rate()
     peak = peak_flops()
     return {**found, "case": "ours", "model": model, "lora_rank": lora_rank, "micro_batch": micro_batch, "remat": remat,
-            "attention": config.resolved().attention,
+            "attention": config.resolved().attention, "packing": packing,
             "dtype": dtype, "param_dtype": param_dtype, "moments": moments, "seq_len": seq_len,
             "step_s": seconds, "tokens_per_s": tokens_per_s, "compile_s": compile_s, "flops_per_token": flops,
             "tflops": flops * tokens_per_s / 1e12, "mfu": flops * tokens_per_s / peak if peak else None,
@@ -151,7 +153,8 @@ def table_finetune(args: argparse.Namespace) -> Table:
     for row in rows:
         if best_peer and "tokens_per_s" in row:
             row["ratio_to_peer"] = row["tokens_per_s"] / best_peer
-    return Table(rows + peers, ["case", "model", "lora_rank", "micro_batch", "remat", "attention", "moments", "step_s",
+    return Table(rows + peers, ["case", "model", "lora_rank", "micro_batch", "remat", "attention", "packing",
+                                "moments", "step_s",
                                 "tokens_per_s", "tflops", "mfu", "ratio_to_matmul", "matmul_tflops",
                                 "ratio_to_peer", "peak_MiB", "compile_s", "error"])
 
@@ -165,7 +168,8 @@ def table_profile(args: argparse.Namespace) -> Table:
                            ("idle_before", "GPU idle per step, by the kernel that ended the wait")):
             print_table(f"{title}: {row.get('model')} micro-batch {row.get('micro_batch')} remat {row.get('remat')}",
                         row.get(key, []), ["kernel", "calls_per_step", "us_per_step"])
-    return Table(rows, ["case", "model", "micro_batch", "remat", "attention", "step_s", "tokens_per_s", "mfu",
+    return Table(rows, ["case", "model", "micro_batch", "remat", "attention", "packing", "step_s", "tokens_per_s",
+                        "mfu",
                         "wall_us_per_step", "gpu_span_us_per_step", "kernel_us_per_step", "idle_us_per_step",
                         "kernels_per_step", "error"])
 
@@ -177,9 +181,9 @@ ATTENTION_MASKS = ("causal", "causal+bias", "bias", "torch")
 def case_attention(model: str, batch: int, seq_len: int, mask: str, steps: int) -> dict:
     """One block's attention, forward and backward, at the training shape in bfloat16.
 
-    `mask`: "causal" (cuDNN's causal mask alone), "causal+bias" (and the
-    document mask as a bias, as our packed rows run), "bias" (the bias
-    alone), or "torch" (the peer's SDPA, causal). TFLOP/s count the causal
+    `mask`: "causal" (cuDNN's causal mask alone, as `concat` rows run),
+    "causal+bias" (and the document mask as a bias, as `reset` rows run),
+    "bias" (the bias alone), or "torch" (the peer's SDPA, causal). TFLOP/s count the causal
     half: 2 x batch x length^2 x hidden forward, 2.5 times that backward.
     """
     from pangu_jax import PanguConfig
@@ -270,11 +274,11 @@ def table_run(args: argparse.Namespace) -> Table:
 
 
 def _step_rows(args: argparse.Namespace, profile: bool = False) -> list[dict]:
-    """Our step for each micro-batch and remat policy asked, each in its own process."""
+    """Our step for each micro-batch, remat policy and packing asked, each in its own process."""
     return [TOOL.run_case("step", model=args.model, micro_batch=b, remat=r, seq_len=args.seq_len, steps=args.steps,
                           dtype=args.dtype, param_dtype=args.param_dtype, lora_rank=args.lora_rank,
-                          moments=args.moments, attention=args.attention, profile=profile)
-            for b in _ints(args.micro_batches) for r in args.remats.split(",")]
+                          moments=args.moments, attention=args.attention, packing=packing, profile=profile)
+            for b in _ints(args.micro_batches) for r in args.remats.split(",") for packing in args.packings.split(",")]
 
 
 def _ints(text: str) -> list[int]:
@@ -286,6 +290,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default="2.6B")
     p.add_argument("--micro-batches", default="4,8", help="finetune: rows a step (one micro-batch each)")
     p.add_argument("--remats", default="full,dots_with_no_batch_dims", help="finetune: remat policies")
+    p.add_argument("--packings", default="reset", help="finetune: the data's packings (reset, concat)")
     p.add_argument("--peer-batches", default="4", help="finetune: the peer's batches ('' for none)")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=10, help="finetune: timed steps; run: the run's steps")

@@ -12,17 +12,19 @@ import jax
 import jax.numpy as jnp
 
 
-def cudnn_attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array, *, scale: float,
+def cudnn_attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array | None, *, scale: float,
                     filled: jax.Array | None = None, causal: bool = False) -> jax.Array:
     """softmax(scale * q.k + mask) . v: q [B, T, N, H], keys and values [B, S, N, H] -> [B, T, N, H].
 
     `visible` [B, 1, T, S] says which slots each query sees; it becomes a
-    finite bias, so a row that sees nothing (padding) stays finite.
+    finite bias, so a row that sees nothing (padding) stays finite. None:
+    no bias, every slot visible but for `causal` (with a bias, cuDNN always
+    computes its gradient too: a [B, N, T, S] write in every backward pass).
     `filled` [B]: how many leading slots are written, when the rest are
     known to be empty (a decode step's cache). `causal`: `visible` hides
     every slot after its query's index (T = S), so the kernel may skip those
     blocks.
     """
-    bias = jnp.where(visible, 0, jnp.finfo(q.dtype).min / 2).astype(q.dtype)  # [B, 1, T, S]
+    bias = None if visible is None else jnp.where(visible, 0, jnp.finfo(q.dtype).min / 2).astype(q.dtype)
     return jax.nn.dot_product_attention(q, keys, values, bias=bias, scale=scale, key_value_seq_lengths=filled,
                                         is_causal=causal, implementation="cudnn")

@@ -75,7 +75,7 @@ def load_model(config: TrainConfig, mesh) -> tuple[PanguConfig, dict]:
 def make_trainer(config: TrainConfig, model: PanguConfig, mesh) -> Trainer:
     return Trainer(model.resolved(), make_optimizer(config.optimizer, config.run.steps), mesh,
                    accumulation=config.accumulation, dropout=config.model.dropout, remat=config.model.remat,
-                   seed=config.run.seed)
+                   causal_rows=config.data.packing == "concat", seed=config.run.seed)
 
 
 def run_mesh(config: TrainConfig):

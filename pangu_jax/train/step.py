@@ -61,8 +61,9 @@ class Trainer:
     """The compiled steps of one run: `config` the model (kernels resolved), on `mesh` under `rules`.
 
     `accumulation` micro-batches make a batch; `dropout` and `remat` are
-    `PanguAlpha`'s; `seed` draws the dropout masks (from the step alone, so
-    a resumed run draws the same ones).
+    `PanguAlpha`'s, and so is `causal_rows` (true for batches of the
+    `concat` packing); `seed` draws the dropout masks (from the step alone,
+    so a resumed run draws the same ones).
     """
 
     config: PanguConfig
@@ -72,6 +73,7 @@ class Trainer:
     accumulation: int = 1
     dropout: float = 0.0
     remat: str = "full"
+    causal_rows: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -123,7 +125,7 @@ class Trainer:
     # --- the model's loss ------------------------------------------------------------
 
     def _loss_terms(self, params: Params, batch: dict[str, jax.Array], rng: jax.Array | None):
-        model = PanguAlpha(self.config, dropout=self.dropout, remat=self.remat)
+        model = PanguAlpha(self.config, dropout=self.dropout, remat=self.remat, causal_rows=self.causal_rows)
         with nn.logical_axis_rules(self.rules):  # the activations' layout (`layers.activations`), on `_on_mesh`'s mesh
             logits, _, _ = model.apply({"params": params}, batch["tokens"], batch["positions"],
                                        segment_ids=batch["segment_ids"],
