@@ -231,14 +231,22 @@ def test_kernel_families_drop_xla_numbering_only():
 @pytest.mark.slow
 def test_the_train_step_table_measures_its_rows(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    train_bench.main(["finetune", "--model", "tiny", "--micro-batches", "2", "--remats", "full,none", "--seq-len", "16",
-                      "--steps", "2", "--peer-batches", "", "--json", str(out)])
+    train_bench.main(["finetune", "--model", "tiny", "--micro-batches", "2", "--accumulations", "1,2", "--remats",
+                      "full", "--packings", "reset,concat", "--seq-len", "16", "--steps", "2", "--peer-batches", "",
+                      "--json", str(out)])
     (record,) = json.loads(out.read_text())
-    assert [(r["micro_batch"], r["remat"]) for r in record["rows"]] == [(2, "full"), (2, "none")]
-    for row in record["rows"]:
+    rows = record["rows"]
+    assert [(r["micro_batch"], r["accumulation"], r["packing"]) for r in rows] == [
+        (2, 1, "reset"), (2, 1, "concat"), (2, 2, "reset"), (2, 2, "concat")]
+    for row in rows:
         assert "error" not in row, row
         assert row["tokens_per_s"] > 0 and row["flops_per_token"] > 0 and row["mfu"] is None  # no peak on a CPU
         assert row["ratio_to_matmul"] > 0 and row["compile_s"] > 0
+        tokens = row["micro_batch"] * row["accumulation"] * row["seq_len"]
+        assert row["tokens_per_s"] * row["step_s"] == pytest.approx(tokens)
+    # Its rows are one document each, which both packings' masks see alike.
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-6)
+    assert rows[2]["loss"] == pytest.approx(rows[3]["loss"], rel=1e-6)
     assert "| ours | tiny |" in capsys.readouterr().out
 
 

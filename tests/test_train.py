@@ -23,6 +23,7 @@ from pangu_jax.model import PanguAlpha, abstract_params
 from pangu_jax.layouts import per_layer, stacked
 from pangu_jax.sharding import make_mesh
 from pangu_jax.train.config import TrainConfigError, load_train_config
+from pangu_jax.train.distributed import claim_device_memory
 from pangu_jax.train.lora import merge_adapters
 from pangu_jax.train.loop import finetune, make_trainer
 from pangu_jax.train.optimizer import make_optimizer
@@ -485,6 +486,15 @@ def _finetune_processes(args: list[str], processes: int, devices: int) -> None:
         out, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]
         assert "done:" in out
+
+
+def test_a_training_process_claims_most_of_each_gpu_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    claim_device_memory()
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.95"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    claim_device_memory()
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
 
 
 @pytest.mark.slow

@@ -36,10 +36,12 @@ TOOL = BenchTool(__file__, __doc__)
 @TOOL.case
 def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int, dtype: str = "bfloat16",
               param_dtype: str = "float32", lora_rank: int = 0, moments: str = "float32",
-              attention: str = "auto", packing: str = "reset", profile: bool = False) -> dict:
+              attention: str = "auto", packing: str = "reset", accumulation: int = 1, profile: bool = False) -> dict:
     """Our train step on one device: seconds per step (median of `steps` after two to compile), MFU, peak memory.
 
-    `packing` is the data's: a `concat` batch masks attention by the row order alone (`Trainer.causal_rows`).
+    A step sums the gradients of `accumulation` micro-batches of `micro_batch`
+    rows. `packing` is the data's: a `concat` batch masks attention by the
+    row order alone (`Trainer.causal_rows`).
 
     With `profile`, also the GPU kernels of two more steps (`profile_kernels`).
     """
@@ -49,11 +51,13 @@ def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int
     from pangu_jax.benchmarking import profile_kernels, random_device_model
     from pangu_jax.sharding import TRAIN_RULES, make_mesh, param_shardings
     from pangu_jax.train.config import OptimizerConfig
+    from pangu_jax.train.distributed import claim_device_memory
     from pangu_jax.train.lora import init_adapters, join
     from pangu_jax.train.metrics import flops_per_token, peak_flops
     from pangu_jax.train.optimizer import make_optimizer
     from pangu_jax.train.step import Trainer
 
+    claim_device_memory()
     config, params = random_device_model(model, param_dtype, layout="stacked")
     config = config.replace(dtype=dtype, lora_rank=lora_rank, attention=attention)
     mesh = make_mesh("fsdp=1")
@@ -61,16 +65,18 @@ def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int
         params = join(init_adapters(config, jax.random.key(1), param_shardings(config, mesh, rules=TRAIN_RULES)),
                       params)
     optimizer = make_optimizer(OptimizerConfig(warmup_steps=10, moments_dtype=moments), 1000)
-    trainer = Trainer(config.resolved(), optimizer, mesh, remat=remat, causal_rows=packing == "concat")
+    trainer = Trainer(config.resolved(), optimizer, mesh, accumulation=accumulation, remat=remat,
+                      causal_rows=packing == "concat")
     state = trainer.new_state(params)
     del params
     rng = np.random.default_rng(0)
-    tokens = rng.integers(10, config.vocab_size, (micro_batch, seq_len + 1)).astype(np.int32)
+    rows = micro_batch * accumulation
+    tokens = rng.integers(10, config.vocab_size, (rows, seq_len + 1)).astype(np.int32)
     batch = trainer.place_batch({
         "tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (micro_batch, seq_len)).copy(),
-        "segment_ids": np.ones((micro_batch, seq_len), np.int32),
-        "loss_weights": np.ones((micro_batch, seq_len), np.float32)})
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
+        "segment_ids": np.ones((rows, seq_len), np.int32),
+        "loss_weights": np.ones((rows, seq_len), np.float32)})
     metrics = {}
 
     def one_step():
@@ -82,15 +88,15 @@ def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int
     one_step()
     compile_s = time.perf_counter() - start
     seconds = median_time(one_step, steps)
-    tokens_per_s = micro_batch * seq_len / seconds
+    tokens_per_s = rows * seq_len / seconds
     flops = flops_per_token(config, seq_len, adapters_only=bool(lora_rank))
     found = {}
     if profile:
         found = profile_kernels(lambda: [one_step() for _ in range(2)], 2)
     matmul = measure_matmul_rate()
     peak = peak_flops()
-    return {**found, "case": "ours", "model": model, "lora_rank": lora_rank, "micro_batch": micro_batch, "remat": remat,
-            "attention": config.resolved().attention, "packing": packing,
+    return {**found, "case": "ours", "model": model, "lora_rank": lora_rank, "micro_batch": micro_batch,
+            "accumulation": accumulation, "remat": remat, "attention": config.resolved().attention, "packing": packing,
             "dtype": dtype, "param_dtype": param_dtype, "moments": moments, "seq_len": seq_len,
             "step_s": seconds, "tokens_per_s": tokens_per_s, "compile_s": compile_s, "flops_per_token": flops,
             "tflops": flops * tokens_per_s / 1e12, "mfu": flops * tokens_per_s / peak if peak else None,
@@ -99,8 +105,11 @@ def case_step(model: str, micro_batch: int, remat: str, seq_len: int, steps: int
 
 
 @TOOL.case
-def case_peer(model: str, batch: int, seq_len: int, steps: int, compile: bool = True) -> dict:
-    """HuggingFace GPT-2 of the same dimensions, bf16 autocast, fused AdamW, SDPA, torch.compile: one step's time."""
+def case_peer(model: str, batch: int, seq_len: int, steps: int, accumulation: int = 1, compile: bool = True) -> dict:
+    """HuggingFace GPT-2 of the same dimensions, bf16 autocast, fused AdamW, SDPA, torch.compile: one step's time.
+
+    A step sums the gradients of `accumulation` batches of `batch` rows.
+    """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -116,29 +125,33 @@ def case_peer(model: str, batch: int, seq_len: int, steps: int, compile: bool = 
     opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     ids = torch.randint(10, c.vocab_size, (batch, seq_len), device="cuda")
 
-    def step():
+    def forward_backward():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = net(input_ids=ids, labels=ids).loss
+            loss = net(input_ids=ids, labels=ids).loss / accumulation
         loss.backward()
+
+    def update():
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
 
-    compiled = torch.compile(step) if compile else step
+    if compile:
+        forward_backward, update = torch.compile(forward_backward), torch.compile(update)
 
     def run():
-        compiled()
+        for _ in range(accumulation):
+            forward_backward()
+        update()
         torch.cuda.synchronize()
 
     start = time.perf_counter()
     run()
     compile_s = time.perf_counter() - start
     seconds = median_time(run, steps)
-    tokens_per_s = batch * seq_len / seconds
+    tokens_per_s = batch * accumulation * seq_len / seconds
     flops = flops_per_token(c, seq_len)
     peak = peak_flops()
     return {"case": "peer (torch.compile)" if compile else "peer (eager)", "model": model, "micro_batch": batch,
-            "seq_len": seq_len, "step_s": seconds, "tokens_per_s": tokens_per_s, "compile_s": compile_s,
+            "accumulation": accumulation, "seq_len": seq_len, "step_s": seconds, "tokens_per_s": tokens_per_s, "compile_s": compile_s,
             "flops_per_token": flops, "tflops": flops * tokens_per_s / 1e12,
             "mfu": flops * tokens_per_s / peak if peak else None,
             "peak_MiB": torch.cuda.max_memory_allocated() / 2**20, "torch": torch.__version__}
@@ -147,14 +160,14 @@ def case_peer(model: str, batch: int, seq_len: int, steps: int, compile: bool = 
 @TOOL.table("finetune")
 def table_finetune(args: argparse.Namespace) -> Table:
     rows = _step_rows(args)
-    peers = [TOOL.run_case("peer", model=args.model, batch=b, seq_len=args.seq_len, steps=args.steps)
-             for b in _ints(args.peer_batches)]
+    peers = [TOOL.run_case("peer", model=args.model, batch=b, seq_len=args.seq_len, steps=args.steps, accumulation=a)
+             for b in _ints(args.peer_batches) for a in _ints(args.accumulations)]
     best_peer = max((row.get("tokens_per_s", 0) for row in peers), default=0)
     for row in rows:
         if best_peer and "tokens_per_s" in row:
             row["ratio_to_peer"] = row["tokens_per_s"] / best_peer
-    return Table(rows + peers, ["case", "model", "lora_rank", "micro_batch", "remat", "attention", "packing",
-                                "moments", "step_s",
+    return Table(rows + peers, ["case", "model", "lora_rank", "micro_batch", "accumulation", "remat", "attention",
+                                "packing", "moments", "step_s",
                                 "tokens_per_s", "tflops", "mfu", "ratio_to_matmul", "matmul_tflops",
                                 "ratio_to_peer", "peak_MiB", "compile_s", "error"])
 
@@ -168,7 +181,8 @@ def table_profile(args: argparse.Namespace) -> Table:
                            ("idle_before", "GPU idle per step, by the kernel that ended the wait")):
             print_table(f"{title}: {row.get('model')} micro-batch {row.get('micro_batch')} remat {row.get('remat')}",
                         row.get(key, []), ["kernel", "calls_per_step", "us_per_step"])
-    return Table(rows, ["case", "model", "micro_batch", "remat", "attention", "packing", "step_s", "tokens_per_s",
+    return Table(rows, ["case", "model", "micro_batch", "accumulation", "remat", "attention", "packing", "step_s",
+                        "tokens_per_s",
                         "mfu",
                         "wall_us_per_step", "gpu_span_us_per_step", "kernel_us_per_step", "idle_us_per_step",
                         "kernels_per_step", "error"])
@@ -249,8 +263,10 @@ def case_run(overrides: list[str]) -> dict:
     from pathlib import Path
 
     from pangu_jax.train.config import load_train_config
+    from pangu_jax.train.distributed import claim_device_memory
     from pangu_jax.train.loop import finetune
 
+    claim_device_memory()
     config = load_train_config(Path(__file__).parent / "configs" / "2.6B-full.yaml", overrides)
     result = finetune(config, progress=False)
     records = [json.loads(line) for line in (Path(config.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -277,8 +293,10 @@ def _step_rows(args: argparse.Namespace, profile: bool = False) -> list[dict]:
     """Our step for each micro-batch, remat policy and packing asked, each in its own process."""
     return [TOOL.run_case("step", model=args.model, micro_batch=b, remat=r, seq_len=args.seq_len, steps=args.steps,
                           dtype=args.dtype, param_dtype=args.param_dtype, lora_rank=args.lora_rank,
-                          moments=args.moments, attention=args.attention, packing=packing, profile=profile)
-            for b in _ints(args.micro_batches) for r in args.remats.split(",") for packing in args.packings.split(",")]
+                          moments=args.moments, attention=args.attention, packing=packing, accumulation=a,
+                          profile=profile)
+            for b in _ints(args.micro_batches) for a in _ints(args.accumulations) for r in args.remats.split(",")
+            for packing in args.packings.split(",")]
 
 
 def _ints(text: str) -> list[int]:
@@ -292,6 +310,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--remats", default="full,dots_with_no_batch_dims", help="finetune: remat policies")
     p.add_argument("--packings", default="reset", help="finetune: the data's packings (reset, concat)")
     p.add_argument("--peer-batches", default="4", help="finetune: the peer's batches ('' for none)")
+    p.add_argument("--accumulations", default="1", help="finetune: micro-batches a step, ours and the peer's")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=10, help="finetune: timed steps; run: the run's steps")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")

@@ -42,9 +42,10 @@ def main(argv: list[str]) -> int:
 
     config = load_train_config(args.config, args.overrides)  # checked before anything is loaded or compiled
     from pangu_jax.cli import stop_requests
-    from pangu_jax.train.distributed import initialize_if_launched
+    from pangu_jax.train.distributed import claim_device_memory, initialize_if_launched
     from pangu_jax.train.loop import finetune
 
+    claim_device_memory()
     initialize_if_launched()
     with stop_requests("stopping: the state is saved after the step in hand") as stop:
         result = finetune(config, vocab_path=args.vocab, cancel=stop, progress=not args.quiet)
