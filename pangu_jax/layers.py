@@ -40,6 +40,30 @@ def param(module: nn.Module, name: str, init, shape, dtype, axes: tuple[str | No
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+COMPUTE_DTYPE_BIASES = ("query_bias", "key_bias", "value_bias")
+
+
+def in_compute_dtype(config: PanguConfig, params: Any) -> Any:
+    """`params` with each leaf the network only ever uses cast to the compute dtype so cast already.
+
+    Those are the float matrices, the adapters and the query, key and value
+    biases; every other leaf (embeddings, LayerNorm, the biases added in the
+    accumulation dtype) stays as it is. The network computes the same
+    numbers from either tree; a training step casts once, before its
+    layers, instead of in every layer of the forward pass, of its
+    recomputation and of the backward pass, and its gradients of the cast
+    leaves come out in the compute dtype.
+    """
+
+    def cast(path, leaf):
+        name = getattr(path[-1], "key", "")
+        used_cast = name.endswith(("_kernel", "_lora_a", "_lora_b")) or name in COMPUTE_DTYPE_BIASES
+        floating = jnp.issubdtype(leaf.dtype, jnp.floating)
+        return leaf.astype(config.jnp_dtype) if used_cast and floating else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def matrix(module: nn.Module, name: str, shape, axes: tuple[str, ...], channels: tuple[int, ...],
            init=None) -> Matrix:
     """A weight matrix and, for int8 weights, its float32 scale over the output `channels` (dims of `shape`)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from pangu_jax import PanguConfig, forward, init_params, load_checkpoint
@@ -209,6 +210,30 @@ def test_bfloat16_gradients_follow_the_float32_ones(tiny_fp32):
     cosine = float(jnp.vdot(exact, low) / (jnp.linalg.norm(exact) * jnp.linalg.norm(low)))
     assert cosine > 0.999, cosine
     assert float(jnp.linalg.norm(low - exact) / jnp.linalg.norm(exact)) < 0.05
+
+
+def test_a_bfloat16_step_casts_its_matrices_once_and_keeps_the_gradients_of_casting_at_each_use(tiny_fp32):
+    """The trainer differentiates through matrices cast before the layers (`layers.in_compute_dtype`);
+    its gradients are those of the model casting each parameter where it uses it. A leaf cast that the
+    network uses wide (an output bias, a LayerNorm) would move them by bfloat16's rounding."""
+    config, params = tiny_fp32
+    params = _randomised(params)
+    config = config.replace(dtype="bfloat16")
+    batch = _random_batch(config)
+    rate = 1e3  # the update dominates the parameter, so it is read back to float32's precision
+    trainer = Trainer(config.resolved(), optax.sgd(rate), make_mesh("fsdp=1"), remat="none")
+    state, _ = trainer.step(trainer.new_state(jax.tree.map(jnp.copy, params)), trainer.place_batch(batch))
+    stepped = jax.tree.map(lambda p, n: (p - n) / rate, params, state.params)
+
+    def loss(p):
+        logits, _ = forward(config, p, batch["tokens"], batch["positions"], segment_ids=batch["segment_ids"])
+        nll, count = token_loss(logits, batch["targets"], batch["loss_weights"])
+        return nll / count
+
+    expected = jax.jit(jax.grad(loss))(params)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(expected))
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(stepped)[0], jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
 
 
 def test_a_packed_document_computes_what_it_computes_alone(tiny_fp32):

@@ -26,6 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..config import PanguConfig
+from ..layers import in_compute_dtype
 from ..model import PanguAlpha
 from ..sharding import TRAIN_RULES, Rules, check_mesh, logical_sharding, param_shardings
 from .lora import join, split_trainable
@@ -150,17 +151,19 @@ class Trainer:
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(jax.random.key(self.seed), state.step) if self.dropout else None
+        trainable = in_compute_dtype(self.config, state.params)  # once a step, for every micro-batch
 
         def gradients(index, piece):
             """((sum of the piece's token losses, its trained tokens), the sum's gradients)"""
             piece_rng = None if rng is None else jax.random.fold_in(rng, index)
             return jax.value_and_grad(lambda p: self._loss_terms(join(p, state.frozen), piece, piece_rng),
-                                      has_aux=True)(state.params)
+                                      has_aux=True)(trainable)
 
         def accumulate(carry, inputs):
             grads, loss, weight = carry
             (nll, count), piece_grads = gradients(*inputs)
-            return (jax.tree.map(jnp.add, grads, piece_grads), loss + nll, weight + count), None
+            grads = jax.tree.map(lambda g, p: g + p.astype(jnp.float32), grads, piece_grads)
+            return (grads, loss + nll, weight + count), None
 
         if self.accumulation == 1:  # no zeroed sums to add the only piece's gradients to
             (total, weight), grads = gradients(0, batch)
