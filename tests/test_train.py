@@ -26,11 +26,11 @@ from pangu_jax.sharding import make_mesh
 from pangu_jax.train.config import TrainConfigError, load_train_config
 from pangu_jax.train.distributed import claim_device_memory
 from pangu_jax.train.lora import merge_adapters
-from pangu_jax.train.loop import finetune, make_trainer
+from pangu_jax.train.loop import finetune, load_model, make_trainer
 from pangu_jax.train.optimizer import make_optimizer
 from pangu_jax.train.state_store import StateStore
 from pangu_jax.train.step import Trainer, token_loss
-from tests.conftest import CancelAfter, ScriptRunner, assert_one_error_line
+from tests.conftest import FIXTURES, CancelAfter, ScriptRunner, assert_one_error_line
 
 ROOT = Path(__file__).parents[1]
 DEMO = ROOT / "train" / "configs" / "demo-cpu.yaml"
@@ -68,6 +68,8 @@ def small(corpus: Path, out: Path, *overrides: str) -> list[str]:
     ("data.packing=zip", r"data: DataConfig\.packing must be one of"),
     ("run.mesh=fsdp", r"run\.mesh: mesh 'fsdp': expected axis=size pairs"),
     ("run", r"override 'run': expected key\.path=value"),
+    ("model.preset=2.6B", r"model\.checkpoint: this config trains PanGu-alpha 2\.6B: give its checkpoint"),
+    ("model.random_init=true", r"model\.random_init: needs model\.preset"),
 ])
 def test_config_errors_name_the_field(override, message):
     with pytest.raises(TrainConfigError, match=message):
@@ -76,11 +78,23 @@ def test_config_errors_name_the_field(override, message):
 
 def test_the_shipped_configs_load(corpus):
     for path in sorted((ROOT / "train" / "configs").glob("*.yaml")):
-        config = load_train_config(path)
+        if path.name == DEMO.name:
+            config = load_train_config(path)
+        else:  # a config written for a released model wants its checkpoint
+            with pytest.raises(TrainConfigError, match=r"model\.checkpoint: this config trains PanGu-alpha"):
+                load_train_config(path)
+            config = load_train_config(path, ["model.checkpoint=PanguAlpha.ckpt"])
         assert config.data.batch_size % config.micro_batch == 0, path
-    lora = load_train_config(ROOT / "train" / "configs" / "13B-lora.yaml")
-    assert lora.lora.rank == 16 and lora.lora.targets == ("query", "value") and lora.accumulation == 4
-    assert load_train_config(ROOT / "train" / "configs" / "13B-full-fsdp4.yaml").run.mesh == "fsdp=4"
+        if path.stem == "13B-lora":
+            assert config.lora.rank == 16 and config.lora.targets == ("query", "value") and config.accumulation == 4
+        if path.stem == "13B-full-fsdp4":
+            assert config.run.mesh == "fsdp=4"
+
+
+def test_a_checkpoint_not_of_the_configs_preset_is_refused_by_name(tmp_path):
+    config = load_train_config(DEMO, [f"model.checkpoint={FIXTURES / 'tiny_fp32.ckpt'}", "model.preset=2.6B"])
+    with pytest.raises(ValueError, match=r"model\.checkpoint .*tiny_fp32\.ckpt: a model of .*not PanGu-alpha 2\.6B"):
+        load_model(config, make_mesh("fsdp=1"))
 
 
 def test_a_bad_config_is_one_error_line_before_anything_runs(tmp_path):

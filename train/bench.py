@@ -281,9 +281,9 @@ def case_run(overrides: list[str]) -> dict:
 
 @TOOL.table("run")
 def table_run(args: argparse.Namespace) -> Table:
-    overrides = [f"model.preset={args.model}", f"run.steps={args.steps}", f"run.micro_batch={args.micro_batch}",
-                 f"data.batch_size={args.micro_batch}", f"run.output_dir={args.output_dir}", "run.save=false",
-                 *args.overrides]
+    overrides = [f"model.preset={args.model}", "model.random_init=true", f"run.steps={args.steps}",
+                 f"run.micro_batch={args.micro_batch}", f"data.batch_size={args.micro_batch}",
+                 f"run.output_dir={args.output_dir}", "run.save=false", *args.overrides]
     return Table([TOOL.run_case("run", overrides=overrides)],
                  ["case", "steps", "first_loss", "last_loss", "eval_loss", "tokens_per_s", "mfu", "peak_MiB",
                   "error"])

@@ -39,9 +39,11 @@ class TrainConfigError(ValueError):
 class ModelConfig:
     """What is trained, and in which numerics.
 
-    `checkpoint`: any checkpoint `load_checkpoint` reads; None with `preset`
-    starts from random weights of that preset (benchmarks), None without it
-    takes the embedded tiny model. `dtype`: the compute dtype; `param_dtype`:
+    `checkpoint`: any checkpoint `load_checkpoint` reads. `preset`: the model
+    a config is written for ("2.6B", "13B", ...): a checkpoint must have its
+    shapes, and without one the config is refused unless `random_init`
+    asks for random weights of the preset (benchmarks). Neither checkpoint
+    nor preset: the embedded tiny model (the demo). `dtype`: the compute dtype; `param_dtype`:
     the master weights (float32 by default, as mixed precision wants).
     `dropout`: after the embeddings, on the attention probabilities and on
     each residual branch (the original trained with 0.1). `remat`: what each
@@ -52,6 +54,7 @@ class ModelConfig:
 
     checkpoint: str | None = None
     preset: str | None = None
+    random_init: bool = False
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     dropout: float = 0.0
@@ -59,9 +62,15 @@ class ModelConfig:
     attention: str = "auto"
 
     def check(self, where: str) -> None:
-        if self.checkpoint is not None and self.preset is not None:
-            raise TrainConfigError(f"{where}: give checkpoint or preset, not both")
         _choice(f"{where}.preset", self.preset, (None, *PRESETS))
+        if self.random_init and self.preset is None:
+            raise TrainConfigError(f"{where}.random_init: needs {where}.preset, the model whose shapes to draw")
+        if self.random_init and self.checkpoint is not None:
+            raise TrainConfigError(f"{where}: give checkpoint or random_init, not both")
+        if self.preset is not None and self.checkpoint is None and not self.random_init:
+            raise TrainConfigError(f"{where}.checkpoint: this config trains PanGu-alpha {self.preset}: give its "
+                                   f"checkpoint ({where}.checkpoint=PATH, any released format), or "
+                                   f"{where}.random_init=true for random weights")
         _choice(f"{where}.dtype", self.dtype, DTYPES)
         _choice(f"{where}.param_dtype", self.param_dtype, DTYPES)
         _number(f"{where}.dropout", self.dropout, 0, 1, high_open=True)

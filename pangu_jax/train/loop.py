@@ -55,13 +55,15 @@ class RunResult:
 def load_model(config: TrainConfig, mesh) -> tuple[PanguConfig, dict]:
     """The model to train, placed on `mesh` by the training rules, with fresh adapters when asked for."""
     m = config.model
-    if m.preset is not None:
+    if m.random_init:
         model = PanguConfig.preset(m.preset, param_dtype=m.param_dtype, dtype=m.param_dtype)
         shardings = param_shardings(model, mesh, rules=TRAIN_RULES)
         params = jax.jit(lambda key: init_params(model, key), out_shardings=shardings)(jax.random.key(config.run.seed))
     else:
         path = m.checkpoint or EMBEDDED_CHECKPOINT
         model, params = load_checkpoint(path, dtype=m.param_dtype, mesh=mesh, rules=TRAIN_RULES)
+        if m.preset is not None:
+            _check_preset(model, m.preset, path)
     model = model.replace(dtype=m.dtype, attention=m.attention, lora_rank=config.lora.rank,
                           lora_alpha=config.lora.alpha, lora_targets=config.lora.targets)
     if model.lora_rank:
@@ -70,6 +72,18 @@ def load_model(config: TrainConfig, mesh) -> tuple[PanguConfig, dict]:
     if config.data.seq_len > model.max_positions:
         raise ValueError(f"data.seq_len {config.data.seq_len} exceeds the model's {model.max_positions} positions")
     return model, params
+
+
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "ffn_size", "vocab_size")
+
+
+def _check_preset(model: PanguConfig, preset: str, path) -> None:
+    expected = PanguConfig.preset(preset)
+    found = {f: getattr(model, f) for f in SHAPE_FIELDS}
+    wanted = {f: getattr(expected, f) for f in SHAPE_FIELDS}
+    if found != wanted:
+        raise ValueError(f"model.checkpoint {path}: a model of {found}, not PanGu-alpha {preset} "
+                         f"(model.preset) of {wanted}")
 
 
 def make_trainer(config: TrainConfig, model: PanguConfig, mesh) -> Trainer:
@@ -100,7 +114,8 @@ def finetune(config: TrainConfig, *, vocab_path: str | None = None, cancel: thre
     pieces = Tokenizer(vocab_path).vocab_size
     if pieces > model.vocab_size:
         raise ValueError(f"the vocabulary's {pieces} pieces do not fit the model's vocab_size {model.vocab_size}: "
-                         "train a model of the real vocabulary (e.g. model.preset=tiny-40k, not tiny)")
+                         "train a model of the real vocabulary (e.g. model.preset=tiny-40k model.random_init=true, "
+                         "not tiny)")
     data = load_data(config.data, vocab_path)
     store = StateStore(out / "checkpoints", keep=config.run.keep)
     abstract = trainer.abstract_state(params)
