@@ -26,7 +26,7 @@ from pangu_jax.sharding import make_mesh
 from pangu_jax.train.config import TrainConfigError, load_train_config
 from pangu_jax.train.distributed import claim_device_memory
 from pangu_jax.train.lora import merge_adapters
-from pangu_jax.train.loop import finetune, load_model, make_trainer
+from pangu_jax.train.loop import finetune, make_trainer
 from pangu_jax.train.optimizer import make_optimizer
 from pangu_jax.train.state_store import StateStore
 from pangu_jax.train.step import Trainer, token_loss
@@ -92,9 +92,11 @@ def test_the_shipped_configs_load(corpus):
 
 
 def test_a_checkpoint_not_of_the_configs_preset_is_refused_by_name(tmp_path):
-    config = load_train_config(DEMO, [f"model.checkpoint={FIXTURES / 'tiny_fp32.ckpt'}", "model.preset=2.6B"])
+    config = load_train_config(DEMO, [f"model.checkpoint={FIXTURES / 'tiny_fp32.ckpt'}", "model.preset=2.6B",
+                                       f"run.output_dir={tmp_path / 'run'}"])
     with pytest.raises(ValueError, match=r"model\.checkpoint .*tiny_fp32\.ckpt: a model of .*not PanGu-alpha 2\.6B"):
-        load_model(config, make_mesh("fsdp=1"))
+        finetune(config, progress=False)
+    assert not (tmp_path / "run").exists()  # refused before the run's folder is made
 
 
 def test_a_bad_config_is_one_error_line_before_anything_runs(tmp_path):

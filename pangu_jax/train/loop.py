@@ -107,9 +107,9 @@ def finetune(config: TrainConfig, *, vocab_path: str | None = None, cancel: thre
              progress: bool = True) -> RunResult:
     """Run (or resume) the fine-tuning `config` describes; see the module docstring."""
     out = Path(config.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     mesh = run_mesh(config)
     model, params = load_model(config, mesh)
+    out.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(config, model, mesh)
     pieces = Tokenizer(vocab_path).vocab_size
     if pieces > model.vocab_size:
