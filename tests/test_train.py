@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import random
 import signal
@@ -26,7 +27,7 @@ from pangu_jax.sharding import make_mesh
 from pangu_jax.train.config import TrainConfigError, load_train_config
 from pangu_jax.train.distributed import claim_device_memory
 from pangu_jax.train.lora import merge_adapters
-from pangu_jax.train.loop import finetune, make_trainer
+from pangu_jax.train.loop import finetune, make_trainer, run_mesh
 from pangu_jax.train.optimizer import make_optimizer
 from pangu_jax.train.state_store import StateStore
 from pangu_jax.train.step import Trainer, token_loss
@@ -321,6 +322,33 @@ def _random_batch(config, rows=8, length=16, seed=0):
 def _spec(array) -> tuple:
     spec = tuple(array.sharding.spec)
     return spec + (None,) * (array.ndim - len(spec))
+
+
+@pytest.mark.slow
+def test_the_13B_fsdp4_config_splits_its_whole_state_in_four_and_its_step_fits_a_card():
+    """The 13B full fine-tune's config on four (fake CPU) devices, from shapes alone: every matrix and its
+    moments split four ways, and the compiled step's arguments and temporaries per device under 80 GB (the
+    CPU's estimate, above a GPU's: its attention keeps the scores)."""
+    config = load_train_config(ROOT / "train" / "configs" / "13B-full-fsdp4.yaml", ["model.random_init=true"])
+    mesh = run_mesh(config)
+    model = PanguConfig.preset(config.model.preset, param_dtype=config.model.param_dtype, dtype=config.model.dtype)
+    trainer = make_trainer(config, model, mesh)
+    state = trainer.abstract_state(abstract_params(model))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+    shard_bytes = total_bytes = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        shard = math.prod(leaf.sharding.shard_shape(leaf.shape))
+        if leaf.size >= 2**20:  # every matrix and embedding, and their moments; biases may stay whole
+            assert shard * 4 == leaf.size, jax.tree_util.keystr(path)
+        shard_bytes += shard * leaf.dtype.itemsize
+        total_bytes += leaf.size * leaf.dtype.itemsize
+    assert shard_bytes < 1.01 * total_bytes / 4
+    rows, length = config.data.batch_size, config.data.seq_len
+    batch = {name: jax.ShapeDtypeStruct((rows, length), dtype, sharding=trainer.batch_sharding())
+             for name, dtype in (("tokens", jnp.int32), ("targets", jnp.int32), ("positions", jnp.int32),
+                                 ("segment_ids", jnp.int32), ("loss_weights", jnp.float32))}
+    memory = trainer.lower_step(state, batch).compile().memory_analysis()
+    assert memory.argument_size_in_bytes + memory.temp_size_in_bytes < 80e9
 
 
 @pytest.mark.slow

@@ -145,9 +145,20 @@ class Trainer:
         return run
 
     @functools.cached_property
+    def _jitted_step(self):
+        return jax.jit(self._step, donate_argnums=0)
+
+    @functools.cached_property
     def step(self):
         """`step(state, batch) -> (state, metrics)`: one optimizer step, compiled, the state donated."""
-        return self._on_mesh(jax.jit(self._step, donate_argnums=0))
+        return self._on_mesh(self._jitted_step)
+
+    def lower_step(self, state: TrainState, batch: dict[str, Any]) -> jax.stages.Lowered:
+        """The step lowered for `state` and `batch`, arrays or shapes (`abstract_state`; the batch's
+        `jax.ShapeDtypeStruct`s placed by `batch_sharding()`), allocating nothing:
+        `.compile().memory_analysis()` says what one device needs before a run starts."""
+        with jax.set_mesh(self.mesh):
+            return self._jitted_step.lower(state, batch)
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(jax.random.key(self.seed), state.step) if self.dropout else None
