@@ -44,7 +44,7 @@ COMPUTE_DTYPE_BIASES = ("query_bias", "key_bias", "value_bias")
 
 
 def in_compute_dtype(config: PanguConfig, params: Any) -> Any:
-    """`params` with each leaf the network only ever uses cast to the compute dtype so cast already.
+    """`params` with every leaf that the network only ever uses in the compute dtype already cast to it.
 
     Those are the float matrices, the adapters and the query, key and value
     biases; every other leaf (embeddings, LayerNorm, the biases added in the
@@ -161,9 +161,10 @@ class Attention(nn.Module):
 
     `dropout` applies to the attention probabilities (explicit attention only).
     `causal_rows` (see `PanguAlpha`): without a cache, a key is hidden by
-    the row order alone. Explicit attention sows its probabilities [B, N, T, S], before dropout,
-    as "weights" in the "attention" collection: stored only where the caller
-    makes that collection mutable (`pangu_jax.inspect`), else nothing is kept.
+    the row order alone. Explicit attention sows its probabilities
+    [B, N, T, S], before dropout, as "weights" in the "attention"
+    collection: stored only where the caller makes that collection mutable
+    (`pangu_jax.inspect`), else nothing is kept.
     """
 
     config: PanguConfig

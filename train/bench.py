@@ -151,8 +151,8 @@ def case_peer(model: str, batch: int, seq_len: int, steps: int, accumulation: in
     flops = flops_per_token(c, seq_len)
     peak = peak_flops()
     return {"case": "peer (torch.compile)" if compile else "peer (eager)", "model": model, "micro_batch": batch,
-            "accumulation": accumulation, "seq_len": seq_len, "step_s": seconds, "tokens_per_s": tokens_per_s, "compile_s": compile_s,
-            "flops_per_token": flops, "tflops": flops * tokens_per_s / 1e12,
+            "accumulation": accumulation, "seq_len": seq_len, "step_s": seconds, "tokens_per_s": tokens_per_s,
+            "compile_s": compile_s, "flops_per_token": flops, "tflops": flops * tokens_per_s / 1e12,
             "mfu": flops * tokens_per_s / peak if peak else None,
             "peak_MiB": torch.cuda.max_memory_allocated() / 2**20, "torch": torch.__version__}
 
@@ -182,10 +182,8 @@ def table_profile(args: argparse.Namespace) -> Table:
             print_table(f"{title}: {row.get('model')} micro-batch {row.get('micro_batch')} remat {row.get('remat')}",
                         row.get(key, []), ["kernel", "calls_per_step", "us_per_step"])
     return Table(rows, ["case", "model", "micro_batch", "accumulation", "remat", "attention", "packing", "step_s",
-                        "tokens_per_s",
-                        "mfu",
-                        "wall_us_per_step", "gpu_span_us_per_step", "kernel_us_per_step", "idle_us_per_step",
-                        "kernels_per_step", "error"])
+                        "tokens_per_s", "mfu", "wall_us_per_step", "gpu_span_us_per_step", "kernel_us_per_step",
+                        "idle_us_per_step", "kernels_per_step", "error"])
 
 
 ATTENTION_MASKS = ("causal", "causal+bias", "bias", "torch")
@@ -197,8 +195,9 @@ def case_attention(model: str, batch: int, seq_len: int, mask: str, steps: int) 
 
     `mask`: "causal" (cuDNN's causal mask alone, as `concat` rows run),
     "causal+bias" (and the document mask as a bias, as `reset` rows run),
-    "bias" (the bias alone), or "torch" (the peer's SDPA, causal). TFLOP/s count the causal
-    half: 2 x batch x length^2 x hidden forward, 2.5 times that backward.
+    "bias" (the bias alone), or "torch" (the peer's SDPA, causal). TFLOP/s
+    count the causal half: 2 x batch x length^2 x hidden forward, 2.5 times
+    that backward.
     """
     from pangu_jax import PanguConfig
     from pangu_jax.train.metrics import peak_flops
@@ -306,7 +305,7 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = TOOL.parser()
     p.add_argument("--model", default="2.6B")
-    p.add_argument("--micro-batches", default="4,8", help="finetune: rows a step (one micro-batch each)")
+    p.add_argument("--micro-batches", default="4,8", help="finetune: rows a micro-batch")
     p.add_argument("--remats", default="full,dots_with_no_batch_dims", help="finetune: remat policies")
     p.add_argument("--packings", default="reset", help="finetune: the data's packings (reset, concat)")
     p.add_argument("--peer-batches", default="4", help="finetune: the peer's batches ('' for none)")

@@ -41,10 +41,11 @@ class ModelConfig:
 
     `checkpoint`: any checkpoint `load_checkpoint` reads. `preset`: the model
     a config is written for ("2.6B", "13B", ...): a checkpoint must have its
-    shapes, and without one the config is refused unless `random_init`
+    sizes, and without one the config is refused unless `random_init`
     asks for random weights of the preset (benchmarks). Neither checkpoint
-    nor preset: the embedded tiny model (the demo). `dtype`: the compute dtype; `param_dtype`:
-    the master weights (float32 by default, as mixed precision wants).
+    nor preset: the embedded tiny model (the demo). `dtype`: the compute
+    dtype; `param_dtype`: the master weights (float32 by default, as mixed
+    precision wants).
     `dropout`: after the embeddings, on the attention probabilities and on
     each residual branch (the original trained with 0.1). `remat`: what each
     scanned block keeps for the backward pass: "none" (everything), "full"

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..assets import EMBEDDED_CHECKPOINT
 from ..checkpoints import load_checkpoint, save_orbax, save_orbax_stream
-from ..config import PanguConfig
+from ..config import PRESETS, PanguConfig
 from ..model import init_params
 from ..sharding import TRAIN_RULES, make_mesh, param_shardings
 from ..tokenizer import Tokenizer
@@ -74,13 +74,9 @@ def load_model(config: TrainConfig, mesh) -> tuple[PanguConfig, dict]:
     return model, params
 
 
-SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "ffn_size", "vocab_size")
-
-
 def _check_preset(model: PanguConfig, preset: str, path) -> None:
-    expected = PanguConfig.preset(preset)
-    found = {f: getattr(model, f) for f in SHAPE_FIELDS}
-    wanted = {f: getattr(expected, f) for f in SHAPE_FIELDS}
+    wanted = PRESETS[preset]  # the sizes the preset fixes
+    found = {field: getattr(model, field) for field in wanted}
     if found != wanted:
         raise ValueError(f"model.checkpoint {path}: a model of {found}, not PanGu-alpha {preset} "
                          f"(model.preset) of {wanted}")
