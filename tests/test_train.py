@@ -343,10 +343,8 @@ def test_the_13B_fsdp4_config_splits_its_whole_state_in_four_and_its_step_fits_a
         shard_bytes += shard * leaf.dtype.itemsize
         total_bytes += leaf.size * leaf.dtype.itemsize
     assert shard_bytes < 1.01 * total_bytes / 4
-    rows, length = config.data.batch_size, config.data.seq_len
-    batch = {name: jax.ShapeDtypeStruct((rows, length), dtype, sharding=trainer.batch_sharding())
-             for name, dtype in (("tokens", jnp.int32), ("targets", jnp.int32), ("positions", jnp.int32),
-                                 ("segment_ids", jnp.int32), ("loss_weights", jnp.float32))}
+    batch = {name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=trainer.batch_sharding())
+             for name, value in _random_batch(model, config.data.batch_size, config.data.seq_len).items()}
     memory = trainer.lower_step(state, batch).compile().memory_analysis()
     assert memory.argument_size_in_bytes + memory.temp_size_in_bytes < 80e9
 
