@@ -62,7 +62,8 @@ def small(corpus: Path, out: Path, *overrides: str) -> list[str]:
 @pytest.mark.parametrize("override, message", [
     ("optimizer.learning_rate=-1", r"optimizer\.learning_rate: expected a number in \(0, inf\), got -1"),
     ("run.steps=many", r"run\.steps: expected int, got 'many'"),
-    ("model.remat=some", r"model\.remat: expected one of none, full, dots, dots_with_no_batch_dims, got 'some'"),
+    ("model.remat=some", r"model\.remat: expected one of none, full, dots, dots_with_no_batch_dims, "
+                         r"dots_with_no_batch_dims_and_attention, got 'some'"),
     ("run.micro_batch=3", r"run\.micro_batch: 3 does not divide data\.batch_size 8"),
     ("lora.targets=[query, keys]", r"lora\.targets: expected some of query, key, value, output, up, down"),
     ("optimizer.lr=1", r"optimizer\.lr: unknown field; optimizer has learning_rate"),
@@ -193,7 +194,8 @@ def _gradient_products(config: PanguConfig, remat: str) -> list[tuple[str, str, 
             for line in text.splitlines() if "stablehlo.dot_general" in line]
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_with_no_batch_dims"])
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_with_no_batch_dims",
+                                   "dots_with_no_batch_dims_and_attention"])
 def test_the_backward_multiplies_in_the_compute_dtype_and_remat_keeps_the_wide_products(remat):
     """In bfloat16 every product, backward ones included, takes bfloat16 operands: a float32 cotangent times an
     upcast operand would run at a fraction of the rate. The policies that save products also save those with
@@ -205,10 +207,38 @@ def test_the_backward_multiplies_in_the_compute_dtype_and_remat_keeps_the_wide_p
     kept = [batched for _, _, out, batched in _gradient_products(config, "none") if out == "f32"]
     if remat == "dots":
         assert wide == kept
-    if remat == "dots_with_no_batch_dims":  # batched products (the attention scores) are recomputed
+    if remat.startswith("dots_with_no_batch_dims"):  # batched products (explicit attention's) are recomputed
         assert [b for b in wide if not b] == [b for b in kept if not b] and len(wide) > len(kept)
     if remat == "full":
         assert len(wide) > len(kept)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention runs only on a GPU")
+def test_remat_can_keep_cudnn_attention_for_the_backward_pass():
+    """`dots_with_no_batch_dims_and_attention` keeps what cuDNN attention's forward returns, so the backward
+    pass runs the kernel's forward no more often than with nothing recomputed; the gradients do not move."""
+    import re
+
+    config = PanguConfig.preset("2.6B", dtype="bfloat16", attention="cudnn").replace(num_layers=3)
+    params = init_params(config.replace(dtype="float32"), 0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(10, config.vocab_size, (2, 256)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32), tokens.shape)
+
+    def gradient(remat):
+        def loss(p):
+            logits, _, _ = PanguAlpha(config.resolved(), remat=remat, causal_rows=True).apply(
+                {"params": p}, tokens, positions)
+            return jax.nn.logsumexp(logits.astype(jnp.float32), -1).mean()
+        step = jax.jit(jax.grad(loss))
+        calls = re.findall(r'custom_call_target="([^"]*fmha[^"]*)"', step.lower(params).compile().as_text())
+        return step(params), sum("Backward" not in call for call in calls)
+
+    kept, forwards = gradient("dots_with_no_batch_dims_and_attention")
+    recomputed, forwards_recomputed = gradient("dots_with_no_batch_dims")
+    _, forwards_all_kept = gradient("none")
+    assert forwards == forwards_all_kept < forwards_recomputed, (forwards, forwards_all_kept, forwards_recomputed)
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(recomputed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_bfloat16_gradients_follow_the_float32_ones(tiny_fp32):

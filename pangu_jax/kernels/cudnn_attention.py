@@ -28,3 +28,9 @@ def cudnn_attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: j
     bias = None if visible is None else jnp.where(visible, 0, jnp.finfo(q.dtype).min / 2).astype(q.dtype)
     return jax.nn.dot_product_attention(q, keys, values, bias=bias, scale=scale, key_value_seq_lengths=filled,
                                         is_causal=causal, implementation="cudnn")
+
+
+def saves_cudnn_attention(primitive: jax.extend.core.Primitive, *_, **__) -> bool:
+    """A remat policy: keep what cuDNN's attention forward returns (its output and softmax statistics, all
+    its backward needs) instead of running the kernel again in the backward pass."""
+    return primitive.name.startswith("dot_product_attention_fwd")

@@ -27,7 +27,7 @@ from .data import DataConfig
 __all__ = ["LoraConfig", "ModelConfig", "OptimizerConfig", "RunConfig", "TrainConfig", "TrainConfigError",
            "load_train_config"]
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "dots_with_no_batch_dims_and_attention")
 LORA_TARGETS = ("query", "key", "value", "output", "up", "down")
 
 
@@ -50,7 +50,8 @@ class ModelConfig:
     each residual branch (the original trained with 0.1). `remat`: what each
     scanned block keeps for the backward pass: "none" (everything), "full"
     (nothing: recompute the block), "dots" (the matrix products' outputs),
-    "dots_with_no_batch_dims".
+    "dots_with_no_batch_dims" (those of the weight matrices),
+    "dots_with_no_batch_dims_and_attention" (and cuDNN attention's output).
     """
 
     checkpoint: str | None = None
