@@ -106,9 +106,10 @@ class PanguAlpha(nn.Module):
     """The whole network.
 
     `per_layer` runs the blocks as `BlockLoop` (per-layer parameters), else
-    under nn.scan. Training's choices: `dropout` after the embeddings, on the
-    attention probabilities and each residual branch (active only when
-    applied with a "dropout" rng), and `remat`, what each scanned block keeps
+    under nn.scan. Training's choices: `dropout` after the embeddings, on
+    each residual branch and, with explicit attention, on the attention
+    probabilities (active only when applied with a "dropout" rng), and
+    `remat`, what each scanned block keeps
     for the backward pass ("none": everything; else a key of `REMAT_POLICIES`).
     `causal_rows`: without a cache, each row is one sequence in row order
     (the `concat` packing, padding only at its end), so attention hides a

@@ -46,8 +46,11 @@ class ModelConfig:
     nor preset: the embedded tiny model (the demo). `dtype`: the compute
     dtype; `param_dtype`: the master weights (float32 by default, as mixed
     precision wants).
-    `dropout`: after the embeddings, on the attention probabilities and on
-    each residual branch (the original trained with 0.1). `remat`: what each
+    `dropout`: after the embeddings and on each residual branch (the
+    original trained with 0.1), and on the attention probabilities where
+    attention is explicit (the CPU's; cuDNN's fused kernel, a GPU's default,
+    takes no dropout: `model.attention=explicit` for it, at the cost of
+    the [B, heads, T, T] scores in memory). `remat`: what each
     scanned block keeps for the backward pass: "none" (everything), "full"
     (nothing: recompute the block), "dots" (the matrix products' outputs),
     "dots_with_no_batch_dims" (those of the weight matrices),
