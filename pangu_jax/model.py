@@ -31,8 +31,8 @@ from jax import checkpoint_policies
 
 from .cache import Cache, check_layout, init_cache, next_positions, written_positions
 from .config import PanguConfig
-from .layers import Block, LayerNorm, activations, apply_dropout, matrix, param
 from .kernels.cudnn_attention import saves_cudnn_attention
+from .layers import Block, LayerNorm, activations, apply_dropout, matrix, param
 from .layouts import is_per_layer
 from .products import WIDENED_BATCHED_PRODUCT, WIDENED_PRODUCT, dot
 
@@ -87,18 +87,16 @@ class BlockLoop(nn.Module):
 # What a scanned block keeps for the backward pass (`PanguAlpha.remat`); `..._and_attention` also keeps
 # cuDNN attention's output and softmax statistics, so the backward pass does not run its forward again.
 # Products in the compute dtype with a wider output carry names instead (`products.einsum`).
+_WEIGHT_PRODUCTS = checkpoint_policies.save_from_both_policies(
+    checkpoint_policies.checkpoint_dots_with_no_batch_dims, checkpoint_policies.save_only_these_names(WIDENED_PRODUCT))
 REMAT_POLICIES = {
     "full": checkpoint_policies.nothing_saveable,
     "dots": checkpoint_policies.save_from_both_policies(
         checkpoint_policies.checkpoint_dots,
         checkpoint_policies.save_only_these_names(WIDENED_PRODUCT, WIDENED_BATCHED_PRODUCT)),
-    "dots_with_no_batch_dims": checkpoint_policies.save_from_both_policies(
-        checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        checkpoint_policies.save_only_these_names(WIDENED_PRODUCT)),
+    "dots_with_no_batch_dims": _WEIGHT_PRODUCTS,
     "dots_with_no_batch_dims_and_attention": checkpoint_policies.save_from_both_policies(
-        checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        checkpoint_policies.save_from_both_policies(
-            checkpoint_policies.save_only_these_names(WIDENED_PRODUCT), saves_cudnn_attention)),
+        _WEIGHT_PRODUCTS, saves_cudnn_attention),
 }
 
 
