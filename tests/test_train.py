@@ -59,6 +59,14 @@ def small(corpus: Path, out: Path, *overrides: str) -> list[str]:
 # --- the configuration --------------------------------------------------------------------
 
 
+def test_the_config_offers_every_remat_policy_the_model_has():
+    """The config names the policies itself (checking a config imports no JAX); the model's table decides."""
+    from pangu_jax.model import REMAT_POLICIES
+    from pangu_jax.train.config import REMAT_POLICIES as CONFIG_REMAT_POLICIES
+
+    assert CONFIG_REMAT_POLICIES == ("none", *REMAT_POLICIES)
+
+
 @pytest.mark.parametrize("override, message", [
     ("optimizer.learning_rate=-1", r"optimizer\.learning_rate: expected a number in \(0, inf\), got -1"),
     ("run.steps=many", r"run\.steps: expected int, got 'many'"),

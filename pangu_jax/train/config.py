@@ -27,6 +27,7 @@ from .data import DataConfig
 __all__ = ["LoraConfig", "ModelConfig", "OptimizerConfig", "RunConfig", "TrainConfig", "TrainConfigError",
            "load_train_config"]
 
+# "none" and the keys of `model.REMAT_POLICIES`, named here so that checking a config imports no JAX.
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "dots_with_no_batch_dims_and_attention")
 LORA_TARGETS = ("query", "key", "value", "output", "up", "down")
 
