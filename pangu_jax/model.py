@@ -298,8 +298,11 @@ def hidden_states(
 
 
 def _boxed_init(config: PanguConfig, rng: jax.Array):
+    """The parameters do not depend on the kernels, so they are made through the portable ones (a float32
+    config naming cuDNN attention, whose kernel takes only 16-bit inputs, initialises like any other)."""
+    portable = config.replace(attention="auto", decode_attention="auto", matvec="auto").resolved("cpu")
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return PanguAlpha(config.resolved("cpu")).init(rng, tokens, tokens)["params"]
+    return PanguAlpha(portable).init(rng, tokens, tokens)["params"]
 
 
 def init_params(config: PanguConfig, rng: jax.Array | int = 0) -> Params:

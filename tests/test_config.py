@@ -5,7 +5,7 @@ import pytest
 
 from pangu_jax import PanguConfig
 from pangu_jax.config import PRESETS, ConfigError
-from pangu_jax.model import abstract_params, param_logical_axes
+from pangu_jax.model import abstract_params, init_params, param_logical_axes
 
 # PANGU.md, "Sizes": parameter counts in billions, to the precision it gives.
 PAPER_SIZES = {"350M": (0.35, 0.01), "2.6B": (2.63, 0.005), "13B": (12.8, 0.05), "200B": (200, 10)}
@@ -29,6 +29,15 @@ def test_big_presets_have_the_right_shapes_without_allocating(name):
     assert shapes["blocks"]["attention"]["query_kernel"].shape == (config.num_layers - 1, n, d, h)
     assert shapes["top_query_layer"]["mlp"]["up_kernel"].shape == (4 * h, h)
     assert shapes["word_embedding"].shape == (40000, h)
+
+
+def test_parameters_do_not_depend_on_the_kernels_a_config_names():
+    """cuDNN's attention takes only 16-bit inputs and runs only on a GPU: initialising a config that names it
+    goes through the portable kernels and gives the same parameters."""
+    tiny = PanguConfig.preset("tiny")
+    named = tiny.replace(attention="cudnn", decode_attention="pallas", matvec="reduction")
+    same = jax.tree.map(lambda a, b: bool((a == b).all()), init_params(named, 3), init_params(tiny, 3))
+    assert all(jax.tree.leaves(same))
 
 
 def test_logical_axes_name_every_parameter_dimension():
